@@ -1,0 +1,332 @@
+"""Load a config document and report EVERY problem in it, each with its path and a hint.
+
+msgspec stops at the first validation error (msgspec#721), so on failure we walk the document
+ourselves: each Struct field, list item and dict value is converted on its own, and the
+`$`-relative path in msgspec's message is rewritten to the item's full path.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..errors import ConfigError, ConfigIssue
+from .schema import Config
+
+_BAD = object()
+
+
+def parse_document(text: str | bytes, fmt: str) -> Any:
+    """Text → builtins. `fmt` is yaml, toml or json. Raises ConfigError on a syntax error."""
+    try:
+        if fmt == "json":
+            return json.loads(text)
+        if fmt == "toml":
+            import tomllib
+
+            return tomllib.loads(text.decode() if isinstance(text, bytes) else text)
+        import yaml
+
+        return yaml.safe_load(text)
+    except Exception as exc:  # every parser has its own error type
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "$"
+        raise ConfigError([ConfigIssue(where, f"not valid {fmt.upper()}: {exc}".splitlines()[0],
+                                       "fix the syntax first")]) from None
+
+
+def _format_of(path: str) -> str:
+    ext = Path(path).suffix.lower()
+    return {".json": "json", ".toml": "toml", ".yaml": "yaml", ".yml": "yaml"}.get(ext, "yaml")
+
+
+def load_file(path: str | os.PathLike) -> Config:
+    """Read, parse and validate a config file; raise ConfigError listing every issue."""
+    p = str(path)
+    try:
+        text = Path(p).read_bytes()
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("$", f"cannot read {p}: {exc.strerror}", "check the path")], p) from None
+    try:
+        return load_config(parse_document(text, _format_of(p)))
+    except ConfigError as exc:
+        exc.source = p
+        raise ConfigError(exc.issues, p) from None
+
+
+def load_config(data: Any) -> Config:
+    if data is None:
+        data = {}
+    issues: list[ConfigIssue] = []
+    cfg = _collect(data, Config, "$", issues)
+    if cfg is _BAD:
+        if isinstance(data, dict):  # still check references among the parts that are valid
+            issues.extend(_partial_references(data))
+        raise ConfigError(issues or [ConfigIssue("$", "invalid config")])
+    issues.extend(check_references(cfg))
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def _partial_references(data: dict) -> list[ConfigIssue]:
+    """Cross-reference issues of a document with type errors: checked over every top-level value and
+    list item that converts on its own; items that failed are left out, and a reference to one of
+    them (by name) is not reported again."""
+    fields = {f.encode_name: f for f in msgspec.structs.fields(Config)}
+    kwargs, index_maps, failed_names = {}, {}, set()
+    for key, value in data.items():
+        f = fields.get(key)
+        if f is None:
+            continue
+        tp = _strip_annotated(f.type)
+        if typing.get_origin(tp) is list and isinstance(value, list):
+            (item_tp,) = typing.get_args(tp)
+            good, idx = [], []
+            for i, item in enumerate(value):
+                try:
+                    good.append(msgspec.convert(item, item_tp))
+                    idx.append(i)
+                except msgspec.ValidationError:
+                    if isinstance(item, dict) and isinstance(item.get("name", item.get("username")), str):
+                        failed_names.add(item.get("name", item.get("username")))
+            kwargs[f.name] = good
+            index_maps[key] = idx
+        else:
+            try:
+                kwargs[f.name] = msgspec.convert(value, f.type)
+            except msgspec.ValidationError:
+                pass
+    try:
+        partial = msgspec.structs.replace(Config(), **kwargs)
+    except (msgspec.ValidationError, ValueError, TypeError):
+        return []
+    out = []
+    for issue in check_references(partial):
+        if any(f"`{name}`" in issue.message for name in failed_names) and issue.message.startswith("unknown"):
+            continue
+        path = issue.path
+        for key, idx in index_maps.items():
+            prefix = f"$.{key}["
+            if path.startswith(prefix):
+                k, rest = path[len(prefix):].split("]", 1)
+                path = f"{prefix}{idx[int(k)]}]{rest}"
+                break
+        out.append(ConfigIssue(path, issue.message, issue.hint))
+    return out
+
+
+# --- walking the document --------------------------------------------------------------------------
+def _strip_annotated(tp):
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _type_name(tp) -> str:
+    tp = _strip_annotated(tp)
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _issue_from(exc: msgspec.ValidationError, path: str) -> ConfigIssue:
+    text = str(exc)
+    msg, sep, where = text.rpartition(" - at `")
+    if not sep:
+        return ConfigIssue(path, text, "")
+    where = where.rstrip("`")
+    full = path + where[1:] if where.startswith("$") else path
+    hint = ""
+    if msg.startswith("Expected"):
+        hint = "check the value's type"
+    return ConfigIssue(full, msg, hint)
+
+
+def _collect(value, tp, path: str, issues: list[ConfigIssue]):
+    try:
+        return msgspec.convert(value, tp)
+    except msgspec.ValidationError as exc:
+        first = exc
+    before = len(issues)
+    base = _strip_annotated(tp)
+    origin = typing.get_origin(base)
+    if isinstance(base, type) and issubclass(base, msgspec.Struct) and isinstance(value, dict):
+        _collect_struct(value, base, path, issues)
+    elif origin is list and isinstance(value, list):
+        (item_tp,) = typing.get_args(base)
+        for i, item in enumerate(value):
+            _collect(item, item_tp, f"{path}[{i}]", issues)
+    elif origin is dict and isinstance(value, dict):
+        for k, v in value.items():
+            try:
+                msgspec.convert({k: v}, base)
+            except msgspec.ValidationError as exc:
+                issues.append(_issue_from(exc, path))
+    elif origin in (typing.Union, types.UnionType) and isinstance(value, dict):
+        struct = _tagged_member(base, value, path, issues)
+        if struct is not None:
+            _collect_struct(value, struct, path, issues)
+    if len(issues) == before:  # nothing more precise found: report msgspec's own message
+        issues.append(_issue_from(first, path))
+    return _BAD
+
+
+def _tagged_member(union, value: dict, path: str, issues: list[ConfigIssue]):
+    members = [t for t in typing.get_args(union) if isinstance(t, type) and issubclass(t, msgspec.Struct)]
+    tagged = {m.__struct_config__.tag: m for m in members if m.__struct_config__.tag is not None}
+    if not tagged:
+        return members[0] if len(members) == 1 else None
+    field = members[0].__struct_config__.tag_field
+    tag = value.get(field)
+    if tag in tagged:
+        return tagged[tag]
+    close = difflib.get_close_matches(str(tag), list(tagged), n=1)
+    hint = f"did you mean `{close[0]}`?" if close else "one of: " + ", ".join(sorted(tagged))
+    what = "missing" if tag is None else f"unknown {field} `{tag}`"
+    issues.append(ConfigIssue(f"{path}.{field}", f"{what}", hint))
+    return None
+
+
+def _collect_struct(value: dict, cls, path: str, issues: list[ConfigIssue]) -> None:
+    before = len(issues)
+    fields = msgspec.structs.fields(cls)
+    known = {f.encode_name: f for f in fields}
+    tag_field = cls.__struct_config__.tag_field
+    for key in value:
+        if key not in known and key != tag_field:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"did you mean `{close[0]}`?" if close else "allowed: " + ", ".join(known)
+            issues.append(ConfigIssue(f"{path}.{key}", "unknown field", hint))
+    for name, f in known.items():
+        if name not in value:
+            if f.required:
+                issues.append(ConfigIssue(f"{path}.{name}", "missing required field",
+                                          f"add `{name}` ({_type_name(f.type)})"))
+            continue
+        _collect(value[name], f.type, f"{path}.{name}", issues)
+    if len(issues) == before:  # fields fine one by one: the problem is a cross-field rule
+        try:
+            msgspec.convert(value, cls)
+        except msgspec.ValidationError as exc:
+            issues.append(_issue_from(exc, path))
+
+
+# --- cross-references ------------------------------------------------------------------------------
+def all_routes(cfg: Config):
+    """Yield (path, route, api, version) for top-level routes and every API version's routes."""
+    for i, r in enumerate(cfg.routes):
+        yield f"$.routes[{i}]", r, None, None
+    for a, api in enumerate(cfg.apis):
+        for v, ver in enumerate(api.versions):
+            for i, r in enumerate(ver.routes):
+                yield f"$.apis[{a}].versions[{v}].routes[{i}]", r, api, ver
+
+
+def _dupes(items, what: str, key) -> list[ConfigIssue]:
+    seen: dict = {}
+    out = []
+    for path, item in items:
+        k = key(item)
+        if k in seen:
+            out.append(ConfigIssue(path, f"duplicate {what} `{k}`", f"first defined at {seen[k]}"))
+        else:
+            seen[k] = path
+    return out
+
+
+def check_references(cfg: Config) -> list[ConfigIssue]:
+    from .._core.router import Router, parse_pattern
+
+    issues: list[ConfigIssue] = []
+    issues += _dupes(((f"$.upstreams[{i}]", u) for i, u in enumerate(cfg.upstreams)), "upstream name",
+                     lambda u: u.name)
+    issues += _dupes(((p, r) for p, r, _a, _v in all_routes(cfg)), "route name", lambda r: r.name)
+    issues += _dupes(((f"$.listeners[{i}]", li) for i, li in enumerate(cfg.listeners)), "listener address",
+                     lambda li: f"{li.address}:{li.port}")
+    issues += _dupes(((f"$.apis[{i}]", a) for i, a in enumerate(cfg.apis)), "API name", lambda a: a.name)
+    issues += _dupes(((f"$.plans[{i}]", p) for i, p in enumerate(cfg.plans)), "plan name", lambda p: p.name)
+    issues += _dupes(((f"$.consumers[{i}]", c) for i, c in enumerate(cfg.consumers)), "consumer username",
+                     lambda c: c.username)
+    if not any(li.kind == "proxy" for li in cfg.listeners):
+        issues.append(ConfigIssue("$.listeners", "no proxy listener", "add {kind: proxy, port: 8000}"))
+    for i, li in enumerate(cfg.listeners):
+        if li.tls is not None:
+            for part in ("certificate", "key"):
+                f = getattr(li.tls, part)
+                if not os.path.isfile(f):
+                    issues.append(ConfigIssue(f"$.listeners[{i}].tls.{part}", f"file not found: {f}",
+                                              "give a path to a PEM file"))
+    for i, u in enumerate(cfg.upstreams):
+        for j, t in enumerate(u.targets):
+            if _split_address(t.address) is None:
+                issues.append(ConfigIssue(f"$.upstreams[{i}].targets[{j}].address",
+                                          f"not host:port: `{t.address}`", "e.g. 127.0.0.1:9001"))
+    upstreams = {u.name for u in cfg.upstreams}
+    plans = {p.name for p in cfg.plans}
+    seen_keys: dict = {}
+    for path, r, api, _ver in all_routes(cfg):
+        if r.upstream is not None and r.upstream not in upstreams:
+            close = difflib.get_close_matches(r.upstream, list(upstreams), n=1)
+            hint = f"did you mean `{close[0]}`?" if close else (
+                "defined: " + ", ".join(sorted(upstreams)) if upstreams else "define it under `upstreams`")
+            issues.append(ConfigIssue(f"{path}.upstream", f"unknown upstream `{r.upstream}`", hint))
+        base = api.base_path if api is not None else ""
+        for k, pat in enumerate(r.paths):
+            try:
+                names = parse_pattern(base + pat)
+            except ValueError as exc:
+                issues.append(ConfigIssue(f"{path}.paths[{k}]", str(exc),
+                                          "patterns look like /users/{id} or /static/*"))
+                continue
+            if r.path_rewrite:
+                for ref in _template_refs(r.path_rewrite):
+                    if ref not in names:
+                        issues.append(ConfigIssue(f"{path}.path_rewrite", f"`{{{ref}}}` is not a parameter of "
+                                                  f"path `{pat}`", "params: " + (", ".join(names) or "none")))
+            for host in r.hosts or [None]:
+                key = (host, base + pat, r.priority)
+                methods = set(r.methods) or {"*"}
+                for other_path, other_methods in seen_keys.get(key, []):
+                    if (methods == other_methods == {"*"}) or methods & other_methods - {"*"}:
+                        issues.append(ConfigIssue(f"{path}.paths[{k}]", f"same host, path `{pat}` and priority as "
+                                                  f"{other_path}", "give one of them a different priority"))
+                        break
+                seen_keys.setdefault(key, []).append((path, methods))
+        for h, host in enumerate(r.hosts):
+            try:
+                Router([(host, (), "/", 0, None)])
+            except ValueError as exc:
+                issues.append(ConfigIssue(f"{path}.hosts[{h}]", str(exc), "e.g. api.example.com or *.example.com"))
+    for i, c in enumerate(cfg.consumers):
+        if c.plan is not None and c.plan not in plans:
+            issues.append(ConfigIssue(f"$.consumers[{i}].plan", f"unknown plan `{c.plan}`",
+                                      "defined: " + (", ".join(sorted(plans)) or "none")))
+    return issues
+
+
+def _template_refs(template: str) -> list[str]:
+    out, i = [], 0
+    while (i := template.find("{", i)) >= 0:
+        j = template.find("}", i)
+        if j < 0:
+            break
+        out.append(template[i + 1 : j].rstrip("*") or "*")
+        i = j + 1
+    return out
+
+
+def _split_address(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
+
+
+split_address = _split_address

@@ -1,0 +1,125 @@
+"""The config loader reports every error at once, each with its path and a hint."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastgate.config import load_config, load_file
+from fastgate.config.schema import Config
+from fastgate.errors import ConfigError
+
+GOOD = {
+    "listeners": [{"kind": "proxy", "port": 8000}],
+    "upstreams": [{"name": "u", "targets": [{"address": "127.0.0.1:9001"}]}],
+    "routes": [{"name": "r", "paths": ["/users/{id}"], "upstream": "u", "path_rewrite": "/v1/{id}"}],
+}
+
+
+def issues_of(doc) -> dict[str, str]:
+    with pytest.raises(ConfigError) as ei:
+        load_config(doc)
+    return {i.path: i.message for i in ei.value.issues}
+
+
+def test_good_config_loads():
+    cfg = load_config(GOOD)
+    assert isinstance(cfg, Config)
+    assert cfg.routes[0].path_rewrite == "/v1/{id}"
+    assert cfg.limits.max_body_bytes == 1048576
+
+
+def test_empty_document_gets_defaults():
+    cfg = load_config(None)
+    assert cfg.listeners[0].port == 8000 and cfg.workers == 1
+
+
+def test_every_error_is_reported_with_its_path():
+    doc = {
+        "workers": "many",
+        "listeners": [{"kind": "proxy", "port": 70000}],
+        "limits": {"max_headers": 0, "header_timout": 3},
+        "upstreams": [{"name": "u", "targets": []}],
+        "routes": [
+            {"name": "a", "paths": ["/x"], "upstream": "nope"},
+            {"name": "b", "paths": ["no-slash"], "upstream": "u", "methods": ["FETCH"]},
+            {"name": "c", "paths": ["/y"]},
+        ],
+    }
+    found = issues_of(doc)
+    assert "$.workers" in found
+    assert "$.listeners[0].port" in found
+    assert "$.limits.max_headers" in found
+    assert "$.limits.header_timout" in found and found["$.limits.header_timout"] == "unknown field"
+    assert "$.upstreams[0].targets" in found
+    assert "$.routes[1].methods[0]" in found
+    assert "$.routes[2]" in found and "exactly one of" in found["$.routes[2]"]
+    assert len(found) >= 7
+
+
+def test_unknown_field_hint_suggests_the_close_name():
+    with pytest.raises(ConfigError) as ei:
+        load_config({"routes": [{"name": "a", "path": ["/x"], "mock": {}}]})
+    by_path = {i.path: i for i in ei.value.issues}
+    assert "did you mean `paths`" in by_path["$.routes[0].path"].hint
+    assert "$.routes[0].paths" in by_path  # the missing required field too
+
+
+def test_cross_references_are_checked():
+    doc = json.loads(json.dumps(GOOD))
+    doc["routes"].append({"name": "r", "paths": ["/a/{x}/{x}"], "upstream": "v"})
+    doc["routes"].append({"name": "s", "paths": ["/users/{id}"], "upstream": "u", "path_rewrite": "/{nope}"})
+    doc["consumers"] = [{"username": "alice", "plan": "gold"}]
+    found = issues_of(doc)
+    assert "duplicate route name" in found["$.routes[1]"]
+    assert "unknown upstream" in found["$.routes[1].upstream"]
+    assert "$.routes[1].paths[0]" in found
+    assert "$.routes[2].path_rewrite" in found
+    assert "same host, path" in found["$.routes[2].paths[0]"]
+    assert "unknown plan" in found["$.consumers[0].plan"]
+
+
+def test_unknown_policy_type_is_named():
+    doc = json.loads(json.dumps(GOOD))
+    doc["routes"][0]["policies"] = [{"type": "response-header", "add": {"X": "y"}}]
+    found = issues_of(doc)
+    assert "unknown type `response-header`" in found["$.routes[0].policies[0].type"]
+
+
+def test_bad_target_address_and_syntax_error(tmp_path):
+    doc = json.loads(json.dumps(GOOD))
+    doc["upstreams"][0]["targets"][0]["address"] = "localhost"
+    assert "not host:port" in issues_of(doc)["$.upstreams[0].targets[0].address"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routes: [\n")
+    with pytest.raises(ConfigError) as ei:
+        load_file(bad)
+    assert "not valid YAML" in ei.value.issues[0].message
+
+
+@pytest.mark.parametrize("suffix,dump", [
+    (".json", json.dumps),
+    (".yaml", lambda d: json.dumps(d)),  # JSON is YAML
+    (".toml", None),
+])
+def test_formats(tmp_path, suffix, dump):
+    f = tmp_path / f"c{suffix}"
+    if dump is None:
+        f.write_text('[[upstreams]]\nname = "u"\n[[upstreams.targets]]\naddress = "127.0.0.1:9001"\n'
+                     '[[routes]]\nname = "r"\npaths = ["/x"]\nupstream = "u"\n')
+    else:
+        f.write_text(dump(GOOD))
+    assert load_file(f).upstreams[0].name == "u"
+
+
+def test_fastgate_check_cli_prints_every_error_and_exits_1(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("workers: 0\nroutes:\n  - {name: a, paths: [/x], upstream: nope}\n  - {name: b, paths: [x], mock: {}}\n")
+    r = subprocess.run([sys.executable, "-m", "fastgate", "check", "-c", str(f)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "$.routes[0].upstream" in r.stderr and "$.routes[1].paths[0]" in r.stderr and "$.workers" in r.stderr
+    ok = subprocess.run([sys.executable, "-m", "fastgate", "check", "-c", "config/fastgate.yaml"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
