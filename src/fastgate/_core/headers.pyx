@@ -1,0 +1,861 @@
+# cython: language_level=3
+"""Header work on the hot path, in C loops over the bytes: one call each per request.
+
+- ``scan_request(headers)``: one pass over the client's headers → ``RequestInfo`` (Host, framing,
+  Expect, Upgrade, X-Request-ID, Connection: close).
+- ``build_request_head(...)``: the upstream request head in one pass through a ``Writer`` over a
+  stack buffer (aiohttp's ``_http_writer``): hop-by-hop and Connection-listed headers dropped,
+  X-Forwarded-*, Via, X-Request-ID and framing written by the gateway; CR, LF and other control
+  bytes refused in everything written.
+- ``scan_response_head(data, ...)``: a strict parse of an upstream response head → ``ResponseHead``
+  (status, framing, keep-alive, and the head rewritten for the client without hop-by-hop headers).
+- ``ChunkedScanner``: follows chunked framing across any split of the stream, passing bytes
+  through (or decoding them for HTTP/1.0 clients).
+
+The pure-Python oracle is ``tests/models/headers_model.py``.
+"""
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.stdint cimport int64_t
+from libc.string cimport memchr, memcpy
+
+cdef enum:
+    WRITER_SMALL = 4096
+    # header codes
+    H_OTHER = 0
+    H_HOST = 1
+    H_CONTENT_LENGTH = 2
+    H_TRANSFER_ENCODING = 3
+    H_CONNECTION = 4
+    H_KEEP_ALIVE = 5
+    H_PROXY_CONNECTION = 6
+    H_TE = 7
+    H_TRAILER = 8
+    H_UPGRADE = 9
+    H_XFF = 10
+    H_XFP = 11
+    H_XFH = 12
+    H_VIA = 13
+    H_REQUEST_ID = 14
+    H_EXPECT = 15
+    # chunked scanner states
+    C_SIZE = 0
+    C_EXT = 1
+    C_SIZE_LF = 2
+    C_DATA = 3
+    C_DATA_CR = 4
+    C_DATA_LF = 5
+    C_TRAILER = 6
+    C_TRAILER_LINE = 7
+    C_TRAILER_LF = 8
+    C_END_LF = 9
+    C_DONE = 10
+    C_ERROR = 11
+
+cdef bint TCHAR[256]
+cdef bint HOSTCHAR[256]
+cdef bint RIDCHAR[256]
+cdef int HEXVAL[256]
+
+
+cdef void _init_tables() noexcept:
+    cdef int c
+    for c in range(256):
+        TCHAR[c] = (c'0' <= c <= c'9') or (c'a' <= c <= c'z') or (c'A' <= c <= c'Z') or c in b"!#$%&'*+-.^_`|~"
+        HOSTCHAR[c] = (c'0' <= c <= c'9') or (c'a' <= c <= c'z') or (c'A' <= c <= c'Z') or c in b"-._~!$&'()*+,;=:[]%"
+        RIDCHAR[c] = (c'0' <= c <= c'9') or (c'a' <= c <= c'z') or (c'A' <= c <= c'Z') or c in b"-_.:+/="
+        HEXVAL[c] = -1
+        if c'0' <= c <= c'9':
+            HEXVAL[c] = c - c'0'
+        elif c'a' <= c <= c'f':
+            HEXVAL[c] = c - c'a' + 10
+        elif c'A' <= c <= c'F':
+            HEXVAL[c] = c - c'A' + 10
+
+
+_init_tables()
+
+
+# --- small C helpers ---------------------------------------------------------------------------
+cdef inline unsigned char _lower(unsigned char c) noexcept nogil:
+    return c | 0x20 if c'A' <= c <= c'Z' else c
+
+
+cdef inline bint _ieq(const char* p, Py_ssize_t n, const char* lit, Py_ssize_t ln) noexcept nogil:
+    """p[:n] equals the lowercase literal, ignoring ASCII case."""
+    cdef Py_ssize_t i
+    if n != ln:
+        return False
+    for i in range(n):
+        if _lower(<unsigned char>p[i]) != <unsigned char>lit[i]:
+            return False
+    return True
+
+
+cdef inline bint _ctl_free(const char* p, Py_ssize_t n) noexcept nogil:
+    """No CR, LF, NUL or other control byte (HTAB allowed)."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    for i in range(n):
+        c = <unsigned char>p[i]
+        if (c < 0x20 and c != 0x09) or c == 0x7F:
+            return False
+    return True
+
+
+cdef inline bint _is_token(const char* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    if n == 0:
+        return False
+    for i in range(n):
+        if not TCHAR[<unsigned char>p[i]]:
+            return False
+    return True
+
+
+cdef int _classify(const char* p, Py_ssize_t n) noexcept nogil:
+    cdef unsigned char c0
+    if n < 2:
+        return H_OTHER
+    c0 = _lower(<unsigned char>p[0])
+    if n == 2:
+        return H_TE if _ieq(p, n, b"te", 2) else H_OTHER
+    if n == 3:
+        return H_VIA if _ieq(p, n, b"via", 3) else H_OTHER
+    if n == 4:
+        return H_HOST if _ieq(p, n, b"host", 4) else H_OTHER
+    if n == 6:
+        return H_EXPECT if _ieq(p, n, b"expect", 6) else H_OTHER
+    if n == 7:
+        if c0 == c'u':
+            return H_UPGRADE if _ieq(p, n, b"upgrade", 7) else H_OTHER
+        return H_TRAILER if _ieq(p, n, b"trailer", 7) else H_OTHER
+    if n == 10:
+        if c0 == c'c':
+            return H_CONNECTION if _ieq(p, n, b"connection", 10) else H_OTHER
+        return H_KEEP_ALIVE if _ieq(p, n, b"keep-alive", 10) else H_OTHER
+    if n == 12:
+        return H_REQUEST_ID if _ieq(p, n, b"x-request-id", 12) else H_OTHER
+    if n == 14:
+        return H_CONTENT_LENGTH if _ieq(p, n, b"content-length", 14) else H_OTHER
+    if n == 15:
+        if _ieq(p, n, b"x-forwarded-for", 15):
+            return H_XFF
+        return H_OTHER
+    if n == 16:
+        if _ieq(p, n, b"x-forwarded-host", 16):
+            return H_XFH
+        if _ieq(p, n, b"proxy-connection", 16):
+            return H_PROXY_CONNECTION
+        return H_OTHER
+    if n == 17:
+        if _ieq(p, n, b"transfer-encoding", 17):
+            return H_TRANSFER_ENCODING
+        if _ieq(p, n, b"x-forwarded-proto", 17):
+            return H_XFP
+        return H_OTHER
+    return H_OTHER
+
+
+cdef inline bint _is_hop(int code) noexcept nogil:
+    return code == H_CONNECTION or code == H_KEEP_ALIVE or code == H_PROXY_CONNECTION or code == H_TE \
+        or code == H_TRAILER or code == H_TRANSFER_ENCODING or code == H_UPGRADE
+
+
+cdef inline bint _ows(unsigned char c) noexcept nogil:
+    return c == c' ' or c == c'\t'
+
+
+cdef inline void _strip(const char** p, Py_ssize_t* n) noexcept nogil:
+    while n[0] > 0 and _ows(<unsigned char>p[0][0]):
+        p[0] += 1
+        n[0] -= 1
+    while n[0] > 0 and _ows(<unsigned char>p[0][n[0] - 1]):
+        n[0] -= 1
+
+
+cdef inline Py_ssize_t _next_token(const char* p, Py_ssize_t n, Py_ssize_t pos, const char** tok,
+                                   Py_ssize_t* tn) noexcept nogil:
+    """The next comma-separated element of p[:n] from pos (stripped) → returns the position after it."""
+    cdef Py_ssize_t start = pos
+    while pos < n and p[pos] != c',':
+        pos += 1
+    tok[0] = p + start
+    tn[0] = pos - start
+    _strip(tok, tn)
+    return pos + 1
+
+
+cdef inline int64_t _digits(const char* p, Py_ssize_t n) noexcept nogil:
+    """Non-negative decimal of 1..18 digits, else -1."""
+    cdef int64_t v = 0
+    cdef Py_ssize_t i
+    if n < 1 or n > 18:
+        return -1
+    for i in range(n):
+        if not (c'0' <= p[i] <= c'9'):
+            return -1
+        v = v * 10 + (p[i] - c'0')
+    return v
+
+
+# --- Writer: a stack buffer that grows onto the heap ------------------------------------------
+cdef struct Writer:
+    char* buf
+    Py_ssize_t size
+    Py_ssize_t cap
+    bint heap
+
+
+cdef inline void _w_init(Writer* w, char* small) noexcept:
+    w.buf = small
+    w.size = 0
+    w.cap = WRITER_SMALL
+    w.heap = False
+
+
+cdef int _w_grow(Writer* w, Py_ssize_t need) except -1:
+    cdef Py_ssize_t cap = w.cap * 2
+    cdef char* nb
+    while cap < w.size + need:
+        cap *= 2
+    if w.heap:
+        nb = <char*>PyMem_Realloc(w.buf, cap)
+    else:
+        nb = <char*>PyMem_Malloc(cap)
+        if nb != NULL:
+            memcpy(nb, w.buf, w.size)
+    if nb == NULL:
+        raise MemoryError()
+    w.buf = nb
+    w.cap = cap
+    w.heap = True
+    return 0
+
+
+cdef inline int _w(Writer* w, const char* p, Py_ssize_t n) except -1:
+    if w.size + n > w.cap:
+        _w_grow(w, n)
+    memcpy(w.buf + w.size, p, n)
+    w.size += n
+    return 0
+
+
+cdef inline int _wb(Writer* w, bytes b) except -1:
+    return _w(w, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+
+
+cdef inline void _w_free(Writer* w) noexcept:
+    if w.heap:
+        PyMem_Free(w.buf)
+        w.heap = False
+
+
+cdef int _w_header(Writer* w, const char* n, Py_ssize_t nl, const char* v, Py_ssize_t vl) except -1:
+    if not _is_token(n, nl):
+        raise ValueError(f"invalid header name {PyBytes_FromStringAndSize(n, nl)!r}")
+    if not _ctl_free(v, vl):
+        raise ValueError(f"control character in header {PyBytes_FromStringAndSize(n, nl).decode('latin-1')}")
+    _w(w, n, nl)
+    _w(w, b": ", 2)
+    _w(w, v, vl)
+    _w(w, b"\r\n", 2)
+    return 0
+
+
+cdef int _w_checked(Writer* w, bytes b, str what) except -1:
+    if not _ctl_free(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b)):
+        raise ValueError(f"control character in {what}")
+    return _wb(w, b)
+
+
+# --- requests ----------------------------------------------------------------------------------
+@cython.freelist(64)
+cdef class RequestInfo:
+    cdef readonly object host
+    cdef readonly int64_t content_length
+    cdef readonly bint chunked
+    cdef readonly bint expect_continue
+    cdef readonly bint expect_other
+    cdef readonly object upgrade
+    cdef readonly object request_id
+    cdef readonly bint connection_close
+
+
+def scan_request(list headers not None):
+    """One pass over the client's headers (see the module docstring)."""
+    cdef RequestInfo info = RequestInfo.__new__(RequestInfo)
+    cdef bytes name, value, upgrade = None
+    cdef const char* n
+    cdef const char* v
+    cdef const char* tok
+    cdef Py_ssize_t nl, vl, tn, pos, i
+    cdef int code
+    cdef bint conn_upgrade = False
+    info.host = None
+    info.content_length = -1
+    info.upgrade = None
+    info.request_id = None
+    for item in headers:
+        name, value = <tuple>item
+        n = PyBytes_AS_STRING(name)
+        nl = PyBytes_GET_SIZE(name)
+        code = _classify(n, nl)
+        if code == H_OTHER:
+            continue
+        v = PyBytes_AS_STRING(value)
+        vl = PyBytes_GET_SIZE(value)
+        if code == H_HOST:
+            if info.host is not None:
+                raise ValueError("duplicate Host header")
+            for i in range(vl):
+                if not HOSTCHAR[<unsigned char>v[i]]:
+                    raise ValueError("invalid Host header")
+            info.host = value
+        elif code == H_CONTENT_LENGTH:
+            info.content_length = _digits(v, vl)
+            if info.content_length < 0:
+                raise ValueError("invalid Content-Length")
+        elif code == H_TRANSFER_ENCODING:
+            pos = 0
+            info.chunked = False
+            while pos <= vl:
+                pos = _next_token(v, vl, pos, &tok, &tn)
+                if tn:
+                    info.chunked = _ieq(tok, tn, b"chunked", 7)
+        elif code == H_EXPECT:
+            tok, tn = v, vl
+            _strip(&tok, &tn)
+            if _ieq(tok, tn, b"100-continue", 12):
+                info.expect_continue = True
+            else:
+                info.expect_other = True
+        elif code == H_CONNECTION:
+            pos = 0
+            while pos <= vl:
+                pos = _next_token(v, vl, pos, &tok, &tn)
+                if _ieq(tok, tn, b"close", 5):
+                    info.connection_close = True
+                elif _ieq(tok, tn, b"upgrade", 7):
+                    conn_upgrade = True
+        elif code == H_UPGRADE:
+            upgrade = value
+        elif code == H_REQUEST_ID:
+            if 0 < vl <= 200:
+                for i in range(vl):
+                    if not RIDCHAR[<unsigned char>v[i]]:
+                        break
+                else:
+                    info.request_id = value
+    if conn_upgrade and upgrade is not None:
+        info.upgrade = upgrade.strip().lower()
+    return info
+
+
+def find_header(list headers not None, bytes name not None):
+    """The first value of header `name` (given lowercase), or None."""
+    cdef const char* lit = PyBytes_AS_STRING(name)
+    cdef Py_ssize_t ln = PyBytes_GET_SIZE(name)
+    cdef bytes n
+    for item in headers:
+        n = (<tuple>item)[0]
+        if _ieq(PyBytes_AS_STRING(n), PyBytes_GET_SIZE(n), lit, ln):
+            return (<tuple>item)[1]
+    return None
+
+
+cdef bint _listed(const char* n, Py_ssize_t nl, list conn_tokens, frozenset drop):
+    cdef bytes t
+    if conn_tokens is not None:
+        for t in conn_tokens:
+            if _ieq(n, nl, PyBytes_AS_STRING(t), PyBytes_GET_SIZE(t)):
+                return True
+    if drop:
+        for t in drop:
+            if _ieq(n, nl, PyBytes_AS_STRING(t), PyBytes_GET_SIZE(t)):
+                return True
+    return False
+
+
+cdef list _connection_tokens(list headers):
+    """Lowercased Connection tokens other than close/keep-alive/upgrade, or None (the usual case)."""
+    cdef list out = None
+    cdef bytes name, value
+    cdef const char* v
+    cdef const char* tok
+    cdef Py_ssize_t vl, tn, pos
+    for item in headers:
+        name, value = <tuple>item
+        if _classify(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)) != H_CONNECTION:
+            continue
+        v = PyBytes_AS_STRING(value)
+        vl = PyBytes_GET_SIZE(value)
+        pos = 0
+        while pos <= vl:
+            pos = _next_token(v, vl, pos, &tok, &tn)
+            if tn == 0 or _ieq(tok, tn, b"close", 5) or _ieq(tok, tn, b"keep-alive", 10) \
+                    or _ieq(tok, tn, b"upgrade", 7):
+                continue
+            if out is None:
+                out = []
+            out.append(PyBytes_FromStringAndSize(tok, tn).lower())
+    return out
+
+
+def build_request_head(bytes method, bytes target, list headers, bytes host, bytes client_ip, bytes proto,
+                       bytes request_id, frozenset drop, tuple add, int body_mode, long long content_length,
+                       bint upgrade):
+    """The upstream request head, in one pass (see the module docstring)."""
+    cdef char small[WRITER_SMALL]
+    cdef Writer w
+    cdef bytes name, value, client_host = None, upgrade_value = None
+    cdef const char* n
+    cdef const char* v
+    cdef Py_ssize_t nl, vl
+    cdef int code
+    cdef list conn_tokens = _connection_tokens(headers)
+    cdef list xff = None, via = None
+    cdef char num[32]
+    cdef int k
+    _w_init(&w, small)
+    try:
+        if not _is_token(PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method)):
+            raise ValueError("invalid method")
+        _wb(&w, method)
+        _w(&w, b" ", 1)
+        if memchr(PyBytes_AS_STRING(target), c' ', PyBytes_GET_SIZE(target)) != NULL:
+            raise ValueError("space in request target")
+        _w_checked(&w, target, "request target")
+        _w(&w, b" HTTP/1.1\r\nHost: ", 17)
+        _w_checked(&w, host, "Host")
+        _w(&w, b"\r\n", 2)
+        for item in headers:
+            name, value = <tuple>item
+            n = PyBytes_AS_STRING(name)
+            nl = PyBytes_GET_SIZE(name)
+            code = _classify(n, nl)
+            if code != H_OTHER:
+                if code == H_XFF:
+                    if xff is None:
+                        xff = []
+                    xff.append(value)
+                elif code == H_VIA:
+                    if via is None:
+                        via = []
+                    via.append(value)
+                elif code == H_HOST:
+                    client_host = value
+                elif code == H_UPGRADE:
+                    upgrade_value = value
+                if code != H_EXPECT:
+                    continue
+            if (conn_tokens is not None or drop) and _listed(n, nl, conn_tokens, drop):
+                continue
+            _w_header(&w, n, nl, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+        _w(&w, b"X-Forwarded-For: ", 17)
+        if xff is not None:
+            for value in xff:
+                _w_checked(&w, value, "X-Forwarded-For")
+                _w(&w, b", ", 2)
+        _w_checked(&w, client_ip, "client address")
+        _w(&w, b"\r\nX-Forwarded-Proto: ", 21)
+        _w_checked(&w, proto, "X-Forwarded-Proto")
+        _w(&w, b"\r\n", 2)
+        if client_host is not None:
+            _w(&w, b"X-Forwarded-Host: ", 18)
+            _w_checked(&w, client_host, "X-Forwarded-Host")
+            _w(&w, b"\r\n", 2)
+        _w(&w, b"Via: ", 5)
+        if via is not None:
+            for value in via:
+                _w_checked(&w, value, "Via")
+                _w(&w, b", ", 2)
+        _w(&w, b"1.1 fastgate\r\nX-Request-ID: ", 28)
+        _w_checked(&w, request_id, "X-Request-ID")
+        _w(&w, b"\r\n", 2)
+        if body_mode == 1:
+            k = 0
+            if content_length == 0:
+                num[0] = c'0'
+                k = 1
+            while content_length > 0:
+                num[31 - k] = <char>(c'0' + content_length % 10)
+                content_length //= 10
+                k += 1
+            _w(&w, b"Content-Length: ", 16)
+            if num[0] == c'0' and k == 1:
+                _w(&w, num, 1)
+            else:
+                _w(&w, num + 32 - k, k)
+            _w(&w, b"\r\n", 2)
+        elif body_mode == 2:
+            _w(&w, b"Transfer-Encoding: chunked\r\n", 28)
+        if upgrade and upgrade_value is not None:
+            _w(&w, b"Upgrade: ", 9)
+            _w_checked(&w, upgrade_value, "Upgrade")
+            _w(&w, b"\r\nConnection: upgrade\r\n", 23)
+        if add:
+            for item in add:
+                name, value = <tuple>item
+                _w_header(&w, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), PyBytes_AS_STRING(value),
+                          PyBytes_GET_SIZE(value))
+        _w(&w, b"\r\n", 2)
+        return PyBytes_FromStringAndSize(w.buf, w.size)
+    finally:
+        _w_free(&w)
+
+
+# --- responses ---------------------------------------------------------------------------------
+cdef class ResponseHead:
+    cdef readonly int status
+    cdef readonly int version
+    cdef readonly bytes head
+    cdef readonly Py_ssize_t end
+    cdef readonly int body_mode
+    cdef readonly int64_t content_length
+    cdef readonly bint keep_alive
+    cdef readonly object te
+
+
+cdef struct Line:
+    Py_ssize_t start      # of the name
+    Py_ssize_t name_len
+    Py_ssize_t end        # just past CRLF
+    int code
+
+
+def valid_header_name(bytes name not None):
+    return _is_token(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+
+
+def valid_header_value(bytes value not None):
+    return _ctl_free(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+
+
+def scan_response_head(data, Py_ssize_t start, bint head_request, Py_ssize_t max_size):
+    """A complete, strictly valid response head at data[start:] → ResponseHead; None if incomplete."""
+    cdef Py_buffer buf
+    PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+    try:
+        return _scan_response(<const char*>buf.buf, buf.len, start, head_request, max_size)
+    finally:
+        PyBuffer_Release(&buf)
+
+
+cdef object _scan_response(const char* p, Py_ssize_t n, Py_ssize_t start, bint head_request, Py_ssize_t max_size):
+    cdef Py_ssize_t pos = start, eol, i, reason_start, reason_end, nl, vl, tn, tpos, nlines = 0, cap = 0
+    cdef Py_ssize_t limit = n if n - start <= max_size else start + max_size
+    cdef const char* v
+    cdef const char* tok
+    cdef const char* q
+    cdef int status, version, code, j
+    cdef int64_t cl = -1, val
+    cdef bint te_seen = False, chunked = False, conn_close = False, conn_keep = False, cl_seen = False
+    cdef Line* lines = NULL
+    cdef Line* ln
+    cdef list conn_tokens = None
+    cdef object te_value = None
+    cdef ResponseHead rh
+    cdef char small[WRITER_SMALL]
+    cdef Writer w
+    # status line
+    q = <const char*>memchr(p + pos, c'\n', limit - pos)
+    if q == NULL:
+        if n - start > max_size:
+            raise ValueError("response head too large")
+        return None
+    eol = q - p
+    if eol == pos or p[eol - 1] != c'\r':
+        raise ValueError("bare LF in status line")
+    if eol - 1 - pos < 12 or not (p[pos] == c'H' and p[pos + 1] == c'T' and p[pos + 2] == c'T' and p[pos + 3] == c'P'
+                                  and p[pos + 4] == c'/' and p[pos + 5] == c'1' and p[pos + 6] == c'.'):
+        raise ValueError("bad status line")
+    if p[pos + 7] == c'1':
+        version = 11
+    elif p[pos + 7] == c'0':
+        version = 10
+    else:
+        raise ValueError("bad HTTP version")
+    if p[pos + 8] != c' ':
+        raise ValueError("bad status line")
+    status = 0
+    for i in range(pos + 9, pos + 12):
+        if not (c'0' <= p[i] <= c'9'):
+            raise ValueError("bad status code")
+        status = status * 10 + (p[i] - c'0')
+    if status < 100:
+        raise ValueError("bad status code")
+    reason_start = reason_end = pos + 12
+    if eol - 1 > pos + 12:
+        if p[pos + 12] != c' ':
+            raise ValueError("bad status line")
+        reason_start = pos + 13
+        reason_end = eol - 1
+        for i in range(reason_start, reason_end):
+            if (<unsigned char>p[i] < 0x20 and p[i] != c'\t') or <unsigned char>p[i] == 0x7F:
+                raise ValueError("control character in reason phrase")
+    pos = eol + 1
+    try:
+        # header lines
+        while True:
+            q = <const char*>memchr(p + pos, c'\n', limit - pos) if pos < limit else NULL
+            if q == NULL:
+                if n - start > max_size:
+                    raise ValueError("response head too large")
+                return None
+            eol = q - p
+            if eol == pos or p[eol - 1] != c'\r':
+                raise ValueError("bare LF in response head")
+            if eol - 1 == pos:  # the blank line
+                pos = eol + 1
+                break
+            if _ows(<unsigned char>p[pos]):
+                raise ValueError("obs-fold in response head")
+            i = pos
+            while i < eol - 1 and p[i] != c':':
+                if not TCHAR[<unsigned char>p[i]]:
+                    raise ValueError("invalid header name in response")
+                i += 1
+            if i == eol - 1 or i == pos:
+                raise ValueError("header line without a name or colon")
+            nl = i - pos
+            v = p + i + 1
+            vl = eol - 1 - (i + 1)
+            _strip(&v, &vl)
+            if not _ctl_free(v, vl):
+                raise ValueError("control character in response header")
+            code = _classify(p + pos, nl)
+            if code == H_CONTENT_LENGTH:
+                tpos = 0
+                while tpos <= vl:
+                    tpos = _next_token(v, vl, tpos, &tok, &tn)
+                    val = _digits(tok, tn)
+                    if val < 0:
+                        raise ValueError("invalid Content-Length in response")
+                    if cl_seen and val != cl:
+                        raise ValueError("conflicting Content-Length in response")
+                    cl = val
+                    cl_seen = True
+            elif code == H_TRANSFER_ENCODING:
+                tpos = 0
+                while tpos <= vl:
+                    tpos = _next_token(v, vl, tpos, &tok, &tn)
+                    if tn == 0:
+                        continue
+                    if chunked:
+                        raise ValueError("chunked is not the last transfer coding")
+                    te_seen = True
+                    chunked = _ieq(tok, tn, b"chunked", 7)
+                te_value = PyBytes_FromStringAndSize(v, vl) if te_value is None else \
+                    te_value + b", " + PyBytes_FromStringAndSize(v, vl)
+            elif code == H_CONNECTION:
+                tpos = 0
+                while tpos <= vl:
+                    tpos = _next_token(v, vl, tpos, &tok, &tn)
+                    if tn == 0:
+                        continue
+                    if _ieq(tok, tn, b"close", 5):
+                        conn_close = True
+                    elif _ieq(tok, tn, b"keep-alive", 10):
+                        conn_keep = True
+                    elif not _ieq(tok, tn, b"upgrade", 7):  # Upgrade itself is handled by its code
+                        if conn_tokens is None:
+                            conn_tokens = []
+                        conn_tokens.append(PyBytes_FromStringAndSize(tok, tn).lower())
+            if nlines == cap:
+                cap = cap * 2 if cap else 32
+                ln = <Line*>PyMem_Realloc(lines, cap * sizeof(Line))
+                if ln == NULL:
+                    raise MemoryError()
+                lines = ln
+            lines[nlines].start = pos
+            lines[nlines].name_len = nl
+            lines[nlines].end = eol + 1
+            lines[nlines].code = code
+            nlines += 1
+            pos = eol + 1
+        # the head for the client
+        _w_init(&w, small)
+        try:
+            _w(&w, b"HTTP/1.1 ", 9)
+            _w(&w, p + start + 9, 3)
+            _w(&w, b" ", 1)
+            _w(&w, p + reason_start, reason_end - reason_start)
+            _w(&w, b"\r\n", 2)
+            for j in range(nlines):
+                ln = &lines[j]
+                if ln.code == H_CONTENT_LENGTH or (_is_hop(ln.code) and not (ln.code == H_UPGRADE and status == 101)):
+                    continue
+                if conn_tokens is not None and _listed(p + ln.start, ln.name_len, conn_tokens, None):
+                    continue
+                _w(&w, p + ln.start, ln.end - ln.start)
+            rh = ResponseHead.__new__(ResponseHead)
+            rh.head = PyBytes_FromStringAndSize(w.buf, w.size)
+        finally:
+            _w_free(&w)
+    finally:
+        PyMem_Free(lines)
+    rh.status = status
+    rh.version = version
+    rh.end = pos
+    rh.te = None
+    rh.content_length = -1
+    if head_request or status < 200 or status == 204 or status == 304:
+        rh.body_mode = 0
+        if not te_seen and status >= 200 and status != 204:
+            rh.content_length = cl
+    elif te_seen:
+        if chunked:
+            rh.body_mode = 2
+            rh.te = te_value
+        else:
+            rh.body_mode = 3
+    elif cl_seen:
+        rh.body_mode = 1
+        rh.content_length = cl
+    else:
+        rh.body_mode = 3
+    rh.keep_alive = ((version == 11 and not conn_close) or (version == 10 and conn_keep and not conn_close)) \
+        and rh.body_mode != 3 and not (te_seen and cl_seen)
+    return rh
+
+
+# --- chunked bodies ----------------------------------------------------------------------------
+cdef class ChunkedScanner:
+    """Follows chunked framing over any split of the stream (RFC 9112 §7.1)."""
+    cdef int state
+    cdef int64_t remaining
+    cdef int digits
+    cdef Py_ssize_t line
+    cdef Py_ssize_t trailers
+    cdef Py_ssize_t max_line
+    cdef Py_ssize_t max_trailers
+    cdef bint decode
+    cdef list _out
+    cdef bint quoted
+
+    def __init__(self, bint decode=False, Py_ssize_t max_line=4096, Py_ssize_t max_trailers=16384):
+        self.state = C_SIZE
+        self.decode = decode
+        self.max_line = max_line
+        self.max_trailers = max_trailers
+        self._out = [] if decode else None
+
+    @property
+    def done(self):
+        return self.state == C_DONE
+
+    def take(self):
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def feed(self, data, Py_ssize_t start=0):
+        """Scan data[start:]; -1 if the body is not finished, else the offset just past its end."""
+        cdef Py_buffer buf
+        cdef Py_ssize_t r
+        if self.state == C_DONE or self.state == C_ERROR:
+            raise ValueError("chunked body already finished" if self.state == C_DONE else "chunked body is broken")
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            r = self._scan(<const char*>buf.buf, buf.len, start)
+        finally:
+            PyBuffer_Release(&buf)
+        if r == -2:
+            self.state = C_ERROR
+            raise ValueError("bad chunked framing")
+        return r
+
+    cdef Py_ssize_t _scan(self, const char* p, Py_ssize_t n, Py_ssize_t pos) except -3:
+        cdef unsigned char c
+        cdef int hv
+        cdef Py_ssize_t take
+        while pos < n:
+            c = <unsigned char>p[pos]
+            if self.state == C_DATA:
+                take = n - pos
+                if take > self.remaining:
+                    take = <Py_ssize_t>self.remaining
+                if self.decode:
+                    self._out.append(PyBytes_FromStringAndSize(p + pos, take))
+                self.remaining -= take
+                pos += take
+                if self.remaining == 0:
+                    self.state = C_DATA_CR
+                continue
+            pos += 1
+            if self.state == C_SIZE:
+                hv = HEXVAL[c]
+                if hv >= 0:
+                    if self.digits >= 15:
+                        return -2
+                    self.remaining = self.remaining * 16 + hv
+                    self.digits += 1
+                    self.line += 1
+                elif self.digits == 0:
+                    return -2
+                elif c == c';' or c == c' ' or c == c'\t':
+                    self.state = C_EXT
+                    self.quoted = False
+                    self.line += 1
+                elif c == c'\r':
+                    self.state = C_SIZE_LF
+                else:
+                    return -2
+            elif self.state == C_EXT:
+                self.line += 1
+                if self.line > self.max_line:
+                    return -2
+                if c == c'"':
+                    self.quoted = not self.quoted
+                elif c == c'\r' and not self.quoted:
+                    self.state = C_SIZE_LF
+                elif (c < 0x20 and c != c'\t') or c == 0x7F:
+                    return -2
+            elif self.state == C_SIZE_LF:
+                if c != c'\n':
+                    return -2
+                self.line = 0
+                self.digits = 0
+                if self.remaining == 0:
+                    self.state = C_TRAILER
+                else:
+                    self.state = C_DATA
+            elif self.state == C_DATA_CR:
+                if c != c'\r':
+                    return -2
+                self.state = C_DATA_LF
+            elif self.state == C_DATA_LF:
+                if c != c'\n':
+                    return -2
+                self.state = C_SIZE
+            elif self.state == C_TRAILER:  # the start of a trailer line, or the final CRLF
+                self.trailers += 1
+                if c == c'\r':
+                    self.state = C_END_LF
+                elif TCHAR[c]:
+                    self.state = C_TRAILER_LINE
+                else:
+                    return -2  # obs-fold or garbage
+            elif self.state == C_TRAILER_LINE:
+                self.trailers += 1
+                if self.trailers > self.max_trailers:
+                    return -2
+                if c == c'\r':
+                    self.state = C_TRAILER_LF
+                elif (c < 0x20 and c != c'\t') or c == 0x7F:
+                    return -2
+            elif self.state == C_TRAILER_LF:
+                if c != c'\n':
+                    return -2
+                self.state = C_TRAILER
+            elif self.state == C_END_LF:
+                if c != c'\n':
+                    return -2
+                self.state = C_DONE
+                return pos
+        return -1
