@@ -1,0 +1,1 @@
+"""The data plane: client protocol, upstream pool, balancers, health, generations, worker."""

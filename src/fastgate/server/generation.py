@@ -1,0 +1,214 @@
+"""Compile a validated Config once into a Generation: router, routes, upstream groups.
+
+Workers swap whole generations on reload; nothing here is consulted from the config per request.
+"""
+from __future__ import annotations
+
+import logging
+
+import orjson
+
+from .._core.router import Router, parse_pattern
+from ..config.load import all_routes, split_address
+from ..config.schema import Config, RequestHeaders, ResponseHeaders
+from .balancer import BALANCERS
+from .health import TargetHealth, run_active_checks
+from .responses import status_line
+from .upstream import Target
+
+log = logging.getLogger("fastgate.generation")
+
+HASH_IP, HASH_HEADER, HASH_COOKIE, HASH_CONSUMER = 0, 1, 2, 3
+_HASH_ON = {"ip": HASH_IP, "header": HASH_HEADER, "cookie": HASH_COOKIE, "consumer": HASH_CONSUMER}
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+
+
+class UpstreamGroup:
+    __slots__ = ("name", "targets", "balancer", "hash_on", "hash_key", "connect_timeout", "read_timeout",
+                 "write_timeout", "total_timeout", "retries", "active", "_task")
+
+    def __init__(self, cfg):
+        self.name = cfg.name
+        self.targets = []
+        for t in cfg.targets:
+            host, port = split_address(t.address)
+            host_header = (cfg.host_header or t.address).encode()
+            health = TargetHealth(t.address, cfg.health.passive, cfg.circuit_breaker)
+            self.targets.append(Target(t.address, host, port, t.weight, cfg.pool, health, host_header))
+        self.balancer = BALANCERS[cfg.balancer](self.targets)
+        self.hash_on = _HASH_ON[cfg.hash_on] if cfg.balancer == "consistent_hash" else -1
+        self.hash_key = (cfg.hash_key or "").lower().encode()
+        self.connect_timeout = cfg.timeouts.connect
+        self.read_timeout = cfg.timeouts.read
+        self.write_timeout = cfg.timeouts.write
+        self.total_timeout = cfg.timeouts.total
+        self.retries = cfg.retries
+        self.active = cfg.health.active
+        self._task = None
+
+    def start(self, loop) -> None:
+        if self.active is not None and self._task is None:
+            self._task = loop.create_task(run_active_checks(self, self.active))
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for t in self.targets:
+            t.close_all()
+
+    def snapshot(self, now: float) -> dict:
+        return {"name": self.name, "targets": [t.health.snapshot(now) for t in self.targets]}
+
+
+class CompiledRoute:
+    __slots__ = ("name", "group", "mock", "preserve_host", "req_drop", "req_add", "resp_add",
+                 "resp_remove", "api", "version")
+
+    def __init__(self, r, group, mock, req_drop, req_add, resp_add, resp_remove, api=None, version=None):
+        self.name = r.name
+        self.group = group
+        self.mock = mock  # (head bytes without Date/Connection, body bytes) or None
+        self.preserve_host = r.preserve_host
+        self.req_drop = req_drop
+        self.req_add = req_add
+        self.resp_add = resp_add
+        self.resp_remove = resp_remove
+        self.api = api
+        self.version = version
+
+
+class Binding:
+    """The router's value for one (route, path pattern): how to build the upstream path."""
+
+    __slots__ = ("route", "names", "strip", "rewrite")
+
+    def __init__(self, route: CompiledRoute, pattern: str, strip_path: bool, rewrite: str | None):
+        self.route = route
+        self.names = parse_pattern(pattern)
+        self.strip = b""
+        if strip_path:
+            static = pattern.split("{", 1)[0].split("*", 1)[0]
+            self.strip = static.rstrip("/").encode()
+        self.rewrite = _compile_template(rewrite, self.names) if rewrite else None
+
+    def upstream_path(self, path: bytes, params: tuple) -> bytes:
+        if self.rewrite is not None:
+            return b"".join(p if isinstance(p, bytes) else params[p] for p in self.rewrite)
+        if self.strip:
+            path = path[len(self.strip):]
+            if not path.startswith(b"/"):
+                path = b"/" + path
+        return path
+
+
+def _compile_template(template: str, names: tuple) -> list:
+    parts, i = [], 0
+    while True:
+        j = template.find("{", i)
+        if j < 0:
+            parts.append(template[i:].encode())
+            break
+        k = template.find("}", j)
+        parts.append(template[i:j].encode())
+        name = template[j + 1 : k].rstrip("*") or "*"
+        parts.append(names.index(name))
+        i = k + 1
+    return [p for p in parts if p != b""]
+
+
+def _mock_response(m) -> tuple[bytes, bytes]:
+    headers = {k.lower(): (k, v) for k, v in m.headers.items()}
+    if m.json is not None:
+        body = orjson.dumps(m.json)
+        headers.setdefault("content-type", ("Content-Type", "application/json"))
+    else:
+        body = (m.body or "").encode()
+        if body:
+            headers.setdefault("content-type", ("Content-Type", "text/plain; charset=utf-8"))
+    headers.pop("content-length", None)
+    head = status_line(m.status) + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.values())
+    if m.status >= 200 and m.status not in (204, 304):
+        head += b"Content-Length: %d\r\n" % len(body)
+    else:
+        body = b""
+    return head, body
+
+
+def _header_policies(policies) -> tuple[frozenset, tuple, bytes, frozenset]:
+    req_drop, req_add, resp_add, resp_remove = set(), [], [], set()
+    for p in policies:
+        if isinstance(p, RequestHeaders):
+            req_drop.update(n.lower().encode() for n in p.remove)
+            for k, v in p.add.items():
+                req_drop.add(k.lower().encode())
+                req_add.append((k.encode(), v.encode()))
+        elif isinstance(p, ResponseHeaders):
+            resp_remove.update(n.lower().encode() for n in p.remove)
+            for k, v in p.add.items():
+                resp_remove.add(k.lower().encode())
+                resp_add.append(f"{k}: {v}\r\n".encode())
+    return frozenset(req_drop), tuple(req_add), b"".join(resp_add), frozenset(resp_remove)
+
+
+class Generation:
+    """Everything a worker needs to serve one config, compiled once."""
+
+    def __init__(self, cfg: Config, number: int = 1):
+        self.cfg = cfg
+        self.number = number
+        self.limits = cfg.limits
+        self.groups = {u.name: UpstreamGroup(u) for u in cfg.upstreams}
+        entries = []
+        self.routes: list[CompiledRoute] = []
+        for _path, r, api, ver in all_routes(cfg):
+            state = ver.state if ver is not None else "published"
+            if state == "draft":
+                continue
+            policies = list(cfg.policies) + (list(api.policies) if api is not None else []) + list(r.policies)
+            req_drop, req_add, resp_add, resp_remove = _header_policies(policies)
+            mock = _mock_response(r.mock) if r.mock is not None else None
+            group = self.groups[r.upstream] if r.upstream is not None else None
+            if state == "deprecated":
+                resp_add += b"Deprecation: true\r\n"
+                if ver.sunset:
+                    resp_add += f"Sunset: {ver.sunset}\r\n".encode()
+                if ver.successor:
+                    resp_add += f'Link: <{api.base_path}/{ver.successor}>; rel="successor-version"\r\n'.encode()
+            elif state == "retired":
+                from ..config.schema import Mock
+
+                doc = {"error": "api_retired", "api": api.name, "version": ver.version}
+                if ver.successor:
+                    doc["successor"] = f"{api.base_path}/{ver.successor}"
+                mock = _mock_response(Mock(status=410, json=doc))
+                group = None
+            cr = CompiledRoute(r, group, mock, req_drop, req_add, resp_add, resp_remove,
+                               api.name if api else None, ver.version if ver else None)
+            self.routes.append(cr)
+            base = api.base_path if api is not None else ""
+            methods = tuple(r.methods)
+            for pat in r.paths:
+                b = Binding(cr, base + pat, r.strip_path, r.path_rewrite)
+                for host in r.hosts or [None]:
+                    entries.append((host, methods, base + pat, r.priority, b))
+        self.router = Router(entries)
+        timeouts = [cfg.limits.header_timeout, cfg.limits.keepalive_timeout, cfg.limits.body_timeout,
+                    cfg.limits.send_timeout]
+        for g in self.groups.values():
+            timeouts += [g.connect_timeout, g.read_timeout] + ([g.total_timeout] if g.total_timeout else [])
+        self.tick = min(0.5, max(0.02, min(timeouts) / 4))
+
+    def start(self, loop) -> None:
+        for g in self.groups.values():
+            g.start(loop)
+
+    def stop(self) -> None:
+        for g in self.groups.values():
+            g.stop()
+
+    def sweep(self, now: float) -> None:
+        for g in self.groups.values():
+            for t in g.targets:
+                if t.idle:
+                    t.sweep_idle(now)

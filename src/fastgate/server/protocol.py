@@ -1,0 +1,795 @@
+"""The client side of the data plane: one GatewayProtocol per client connection.
+
+httptools (llhttp, strict mode) is the judge of request framing. Per request:
+parse → normalise path → route match (compiled) → build the upstream head (compiled) → pick a
+target → write head and body to a pooled keep-alive connection → the upstream protocol writes
+the response back. Requests are answered strictly in order; a request parsed while another is
+in flight waits in `_pipeline` (reading is paused meanwhile). Errors the gateway produces itself
+(400, 404, 413, 502, ...) are "local" exchanges queued in the same order, so pipelining never
+reorders responses. Timeouts are checked by the worker's tick (`check`), not by a timer per
+request.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+
+import httptools
+
+from .._core.headers import build_request_head, find_header, scan_request
+from .._core.router import normalize_path
+from ..errors import GatewayError, NoHealthyUpstream, UpstreamTimeout
+from .generation import HASH_COOKIE, HASH_HEADER, IDEMPOTENT
+from .responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
+from .upstream import UpstreamProtocol, connect
+
+log = logging.getLogger("fastgate.protocol")
+
+# parser phases (for timeouts)
+IDLE, HEAD, BODY, WAIT = 0, 1, 2, 3
+# reasons reading from the client is paused (bitmask)
+P_PIPELINE, P_UPSTREAM, P_BUFFER, P_DEAD = 1, 2, 4, 8
+REPLAY_LIMIT = 65536  # request bodies up to this size are kept for a retry
+BUFFER_HIGH = 262144  # body bytes buffered before an upstream is ready: pause reading past this
+TERMINAL_CHUNK = b"0\r\n\r\n"
+DRAIN_GRACE = 1.0  # seconds an idle keep-alive connection may still send one last request
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing; the response is already queued."""
+
+
+class Exchange:
+    """One request/response. `local` is set for responses the gateway writes itself."""
+
+    __slots__ = ("proto", "binding", "route", "method", "version", "keep_alive", "request_id", "headers",
+                 "info", "target_path", "upgrade", "body_mode", "content_length", "head_request", "req_done",
+                 "out", "sent", "sent_bytes", "body_bytes", "conn", "target", "attempt", "excluded", "responded",
+                 "started", "last", "connecting", "local", "expect", "status")
+
+    def __init__(self, proto):
+        self.proto = proto
+        self.binding = None
+        self.route = None
+        self.method = b""
+        self.version = 11
+        self.keep_alive = True
+        self.request_id = b""
+        self.headers = None
+        self.info = None
+        self.target_path = b""
+        self.upgrade = None
+        self.body_mode = 0
+        self.content_length = -1
+        self.head_request = False
+        self.req_done = False
+        self.out = []  # body frames not yet written upstream
+        self.sent = []  # frames written upstream, kept for a retry (None once past REPLAY_LIMIT)
+        self.sent_bytes = 0
+        self.body_bytes = 0
+        self.conn = None
+        self.target = None
+        self.attempt = 0
+        self.excluded = ()
+        self.responded = False
+        self.started = 0.0
+        self.last = 0.0
+        self.connecting = False
+        self.local = None
+        self.expect = False
+        self.status = 0
+
+
+class WorkerState:
+    """Global state shared by every connection of a worker."""
+
+    __slots__ = ("loop", "gen", "connections", "date", "rid_prefix", "rid_n", "draining", "stats")
+
+    def __init__(self, loop, gen, date: bytes, rid_prefix: bytes):
+        self.loop = loop
+        self.gen = gen
+        self.connections: set[GatewayProtocol] = set()
+        self.date = date
+        self.rid_prefix = rid_prefix
+        self.rid_n = 0
+        self.draining = False
+        self.stats = collections.Counter()
+
+    def new_request_id(self) -> bytes:
+        self.rid_n += 1
+        return b"%s%016x" % (self.rid_prefix, self.rid_n)
+
+
+class GatewayProtocol(asyncio.Protocol):
+    __slots__ = (
+        # global state
+        "_state", "_loop",
+        # per-connection state
+        "transport", "_parser", "_client_ip", "_scheme", "_current", "_pipeline", "_paused", "_requests",
+        "_phase", "_since", "_head_bytes", "_dead", "_tunnel", "_tunnel_buf", "_wpaused", "_wpaused_since",
+        "_closed", "_starting",
+        # per-request state (the request being parsed)
+        "_url", "_headers", "_hbytes", "_ex",
+    )
+
+    def __init__(self, state: WorkerState, scheme: bytes = b"http"):
+        self._state = state
+        self._loop = state.loop
+        self.transport = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._client_ip = b""
+        self._scheme = scheme
+        self._current = None
+        self._pipeline = collections.deque()
+        self._paused = 0
+        self._requests = 0
+        self._phase = IDLE
+        self._since = 0.0
+        self._head_bytes = 0
+        self._dead = False
+        self._tunnel = None
+        self._tunnel_buf = None
+        self._wpaused = False
+        self._wpaused_since = 0.0
+        self._closed = False
+        self._starting = None  # queued during this read; started once the whole read is parsed
+        self._url = b""
+        self._headers = []
+        self._hbytes = 0
+        self._ex = None
+
+    # --- asyncio hooks ----------------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        state = self._state
+        if len(state.connections) >= state.gen.limits.max_connections or state.draining:
+            state.stats["connections_refused"] += 1
+            transport.abort()
+            self._closed = True
+            return
+        state.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self._client_ip = peer[0].encode() if peer else b"unknown"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        transport.set_write_buffer_limits(high=65536, low=16384)
+        self._since = self._loop.time()
+
+    def connection_lost(self, exc):
+        self._closed = True
+        self._state.connections.discard(self)
+        ex = self._current
+        if ex is not None:
+            self._drop_upstream(ex, failed=False)
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+        for ex in self._pipeline:
+            ex.conn = None
+        self._pipeline.clear()
+        self._current = None
+        self._ex = None
+
+    def pause_writing(self):
+        self._wpaused = True
+        self._wpaused_since = self._loop.time()
+        up = self._tunnel or (self._current.conn if self._current is not None else None)
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self):
+        self._wpaused = False
+        up = self._tunnel or (self._current.conn if self._current is not None else None)
+        if up is not None and up.transport is not None:
+            up.transport.resume_reading()
+
+    def eof_received(self):
+        # a client half-close: answer what was asked, then close
+        if self._current is None and not self._pipeline:
+            return False
+        return True
+
+    def data_received(self, data):
+        if self._tunnel is not None:
+            self._tunnel.transport.write(data)
+            return
+        if self._tunnel_buf is not None:  # upgrade requested, waiting for the upstream's 101
+            self._tunnel_buf += data
+            return
+        if self._dead:
+            return
+        if self._phase == IDLE or self._phase == WAIT:
+            self._phase = HEAD
+            self._since = self._loop.time()
+            self._head_bytes = 0
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._on_upgrade(data, exc.args[0])
+        except httptools.HttpParserCallbackError:
+            pass  # a callback rejected the request and queued the response
+        except httptools.HttpParserError as exc:
+            self._reject_parse(400, "bad_request", str(exc))
+        else:
+            if self._phase == HEAD:
+                self._head_bytes += len(data)
+                limits = self._state.gen.limits
+                if self._head_bytes > limits.max_header_bytes + limits.max_uri_bytes:
+                    self._reject_parse(431, "headers_too_large", "")
+        ex = self._starting
+        if ex is not None:
+            self._starting = None
+            if ex is self._current and not self._closed:
+                self._start(ex)
+            return
+        ex = self._current
+        if ex is not None and ex.out and ex.conn is not None:
+            self._flush(ex)
+
+    # --- parser callbacks (httptools) -------------------------------------------------------------
+    def on_message_begin(self):
+        self._url = b""
+        self._headers = []
+        self._hbytes = 0
+
+    def on_url(self, url):
+        self._url += url
+        if len(self._url) > self._state.gen.limits.max_uri_bytes:
+            self._reject(414, "uri_too_long")
+
+    def on_header(self, name, value):
+        headers = self._headers
+        headers.append((name, value))
+        self._hbytes += len(name) + len(value) + 4
+        limits = self._state.gen.limits
+        if len(headers) > limits.max_headers:
+            self._reject(431, "too_many_headers")
+        if self._hbytes > limits.max_header_bytes:
+            self._reject(431, "headers_too_large")
+
+    def on_headers_complete(self):
+        state = self._state
+        gen = state.gen
+        limits = gen.limits
+        parser = self._parser
+        ex = Exchange(self)
+        self._ex = ex
+        ex.method = method = parser.get_method()
+        ex.version = 11 if parser.get_http_version() == "1.1" else 10
+        ex.keep_alive = parser.should_keep_alive() and not state.draining
+        headers = self._headers
+        ex.headers = headers
+        try:
+            info = scan_request(headers)
+        except ValueError as exc:
+            return self._reject(400, "bad_request", str(exc))
+        ex.info = info
+        ex.request_id = info.request_id or state.new_request_id()
+        self._requests += 1
+        if self._requests >= limits.keepalive_requests:
+            ex.keep_alive = False
+        if method == b"CONNECT":
+            return self._reject(405, "method_not_allowed")
+        upgrade = info.upgrade
+        if upgrade is not None:
+            if upgrade != b"websocket":
+                return self._reject(400, "upgrade_refused")
+            ex.upgrade = upgrade
+        if info.expect_other:
+            return self._reject(417, "expectation_failed")
+        url = self._url
+        host = info.host
+        if url[:1] == b"/":
+            path, _, query = url.partition(b"?")
+        elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+            try:
+                u = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                return self._reject(400, "bad_request", "invalid request target")
+            host = u.host + (b":%d" % u.port if u.port else b"")
+            path, query = u.path or b"/", u.query or b""
+        else:
+            return self._reject(400, "bad_request", "invalid request target")
+        if host is None:
+            if ex.version == 11:
+                return self._reject(400, "bad_request", "missing Host header")
+            host = b""
+        npath = normalize_path(path)
+        if npath is None:
+            return self._reject(400, "bad_request", "invalid path")
+        if info.content_length > limits.max_body_bytes > 0:
+            return self._reject(413, "body_too_large")
+        if info.chunked or info.content_length < 0:
+            te = find_header(headers, b"transfer-encoding")
+            if te is not None and te.strip().lower() != b"chunked":
+                # RFC 9112 6.1: chunked not last → 400; other codings we do not implement → 501
+                if info.chunked:
+                    return self._reject(501, "unsupported_transfer_coding")
+                return self._reject(400, "bad_request", "transfer-encoding without chunked")
+        if info.chunked:
+            ex.body_mode = 2
+        elif info.content_length >= 0:
+            ex.body_mode = 1
+            ex.content_length = info.content_length
+        elif method in (b"POST", b"PUT", b"PATCH"):
+            ex.body_mode = 1
+            ex.content_length = 0
+        ex.head_request = method == b"HEAD"
+        found = gen.router.match(method, host, npath)
+        if found is None:
+            return self._reject(404, "no_route")
+        binding, params = found
+        route = binding.route
+        ex.binding = binding
+        ex.route = route
+        ex.expect = info.expect_continue
+        if route.mock is not None:
+            ex.local = self._mock(ex, route.mock)
+        else:
+            target = binding.upstream_path(npath, params)
+            ex.target_path = target + b"?" + query if query else target
+        self._phase = BODY
+        self._since = self._loop.time()
+        self._enqueue(ex)
+
+    def on_body(self, body):
+        ex = self._ex
+        if ex is None:
+            return
+        n = len(body)
+        ex.body_bytes += n
+        self._since = self._loop.time()
+        limit = self._state.gen.limits.max_body_bytes
+        if limit and ex.body_bytes > limit:
+            return self._reject(413, "body_too_large")
+        if ex.local is not None or ex.upgrade is not None:
+            return  # a mock or refused request: the body is read and dropped
+        if ex.body_mode == 2:
+            ex.out += (b"%x\r\n" % n, body, b"\r\n")
+        else:
+            ex.out.append(body)
+        if ex.conn is None and ex.body_bytes > BUFFER_HIGH:
+            self.pause_client_reading(P_BUFFER)
+
+    def on_message_complete(self):
+        ex = self._ex
+        self._ex = None
+        self._phase = WAIT
+        if ex is None:
+            return
+        ex.req_done = True
+        if ex.body_mode == 2 and ex.local is None:
+            ex.out.append(TERMINAL_CHUNK)
+
+    # --- queueing ---------------------------------------------------------------------------------
+    def _enqueue(self, ex: Exchange) -> None:
+        if self._current is None:
+            self._current = ex
+            self._starting = ex  # started by data_received once this read is parsed
+        else:
+            self._pipeline.append(ex)
+            self.pause_client_reading(P_PIPELINE)
+
+    def _start(self, ex: Exchange) -> None:
+        self._current = ex
+        if ex.local is not None:
+            self.transport.write(ex.local)
+            ex.responded = True
+            if ex.expect and not ex.req_done:
+                ex.keep_alive = False  # the client was never told to send its body
+            self._finish(ex)
+            return
+        if ex.expect and not ex.req_done and ex.version == 11:
+            self.transport.write(CONTINUE)
+        ex.started = ex.last = self._loop.time()
+        self._proxy(ex)
+
+    def _finish(self, ex: Exchange) -> None:
+        """The response to `ex` is complete: next request, idle, or close."""
+        self._current = None
+        state = self._state
+        if self._closed:
+            return
+        if not ex.keep_alive or not ex.req_done or state.draining:
+            self._pipeline.clear()
+            self._close()
+            return
+        pipeline = self._pipeline
+        if self._dead and not pipeline:
+            self._close()
+        elif pipeline:
+            nxt = pipeline.popleft()
+            if not pipeline:
+                self.resume_client_reading(P_PIPELINE)
+            self._start(nxt)
+        elif self._phase == WAIT:
+            self._phase = IDLE
+            self._since = self._loop.time()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.transport.close()
+
+    # --- local responses --------------------------------------------------------------------------
+    def _mock(self, ex: Exchange, mock) -> bytes:
+        head, body = mock
+        parts = [head, self._state.date, b"X-Request-ID: ", ex.request_id, b"\r\n", ex.route.resp_add]
+        if not ex.keep_alive:
+            parts.append(CLOSE)
+        elif ex.version == 10:
+            parts.append(KEEP_ALIVE)
+        parts.append(b"\r\n")
+        if not ex.head_request:
+            parts.append(body)
+        return b"".join(parts)
+
+    def _error_bytes(self, ex: Exchange | None, status: int, reason: str, close: bool) -> bytes:
+        rid = ex.request_id if ex is not None and ex.request_id else self._state.new_request_id()
+        self._state.stats[f"status_{status}"] += 1
+        return build_error(status, reason, rid, self._state.date, close)
+
+    def _reject(self, status: int, reason: str, detail: str = ""):
+        """From a parser callback: answer with an error (in order) and stop reading this connection."""
+        self._reject_parse(status, reason, detail)
+        raise _Reject(reason)
+
+    def _reject_parse(self, status: int, reason: str, detail: str) -> None:
+        if self._dead:
+            return
+        if detail:
+            log.debug("rejecting request from %s: %s (%s)", self._client_ip, reason, detail)
+        self._dead = True
+        self._phase = WAIT
+        ex = self._ex or Exchange(self)
+        self._ex = None
+        if ex is self._current:
+            if ex.responded:  # the response already started: nothing left but to cut the connection
+                self._abort_client()
+                return
+            # the upstream may hold a head and part of a body: abort it, so it never sees a complete request
+            ex.connecting = False
+            self._drop_upstream(ex, failed=False)
+            self._current = None
+        if ex.request_id == b"":
+            ex.request_id = self._state.new_request_id()
+        ex.keep_alive = False
+        ex.req_done = True
+        ex.out = []
+        ex.local = self._error_bytes(ex, status, reason, True)
+        if self._starting is not None and self._starting is not self._current:
+            self._starting = None
+        if self._current is None:
+            self._starting = None
+            self._start(ex)
+        elif ex not in self._pipeline:
+            self._pipeline.append(ex)
+        self.pause_client_reading(P_DEAD)
+
+    # --- upstream side ----------------------------------------------------------------------------
+    def _hash_key(self, ex: Exchange) -> bytes:
+        group = ex.route.group
+        if group.hash_on == HASH_HEADER:
+            return find_header(ex.headers, group.hash_key) or b""
+        if group.hash_on == HASH_COOKIE:
+            cookies = find_header(ex.headers, b"cookie") or b""
+            for part in cookies.split(b";"):
+                k, _, v = part.strip().partition(b"=")
+                if k.lower() == group.hash_key:
+                    return v
+            return b""
+        return self._client_ip
+
+    def _proxy(self, ex: Exchange) -> None:
+        group = ex.route.group
+        now = self._loop.time()
+        key = self._hash_key(ex) if group.hash_on >= 0 else None
+        target = group.balancer.pick(key, now, ex.excluded)
+        if target is None and ex.excluded:
+            target = group.balancer.pick(key, now)
+        if target is None:
+            self._fail(ex, NoHealthyUpstream("no healthy target"))
+            return
+        target.health.on_pick()
+        target.active += 1
+        ex.target = target
+        conn = target.take_idle()
+        if conn is not None:
+            self._send(ex, conn)
+        else:
+            ex.connecting = True
+            self._loop.create_task(self._connect(ex, target))
+
+    async def _connect(self, ex: Exchange, target) -> None:
+        try:
+            conn = await connect(self._loop, target, ex.route.group.connect_timeout)
+        except GatewayError as exc:
+            ex.connecting = False
+            if ex.target is target and self._current is ex and not self._closed:
+                target.active -= 1
+                target.health.report(False, self._loop.time())
+                ex.target = None
+                self._retry_or_fail(ex, target, exc, connect_failed=True)
+            return
+        ex.connecting = False
+        if self._current is not ex or self._closed or ex.target is not target:
+            target.give_back(conn, self._loop.time())  # the client went away meanwhile
+            return
+        self._send(ex, conn)
+
+    def _send(self, ex: Exchange, conn: UpstreamProtocol) -> None:
+        target = ex.target
+        conn.attach(ex)
+        ex.conn = conn
+        route = ex.route
+        host = ex.info.host if route.preserve_host and ex.info.host is not None else target.host_header
+        drop = route.req_drop
+        try:
+            head = build_request_head(ex.method, ex.target_path, ex.headers, host, self._client_ip, self._scheme,
+                                      ex.request_id, drop if not ex.expect else drop | {b"expect"},
+                                      route.req_add, ex.body_mode, ex.content_length, ex.upgrade is not None)
+        except ValueError as exc:
+            conn.detach()
+            target.active -= 1
+            target.give_back(conn, self._loop.time())
+            ex.conn = None
+            ex.target = None
+            self._fail(ex, GatewayError(str(exc), 400, "bad_request"))
+            return
+        ex.last = self._loop.time()
+        out = ex.out
+        if out:
+            ex.out = []
+            out.insert(0, head)
+            data = b"".join(out)
+            self._keep_sent(ex, out[1:])
+        else:
+            data = head
+        conn.transport.write(data)
+        if self._wpaused:
+            conn.transport.pause_reading()
+        if ex.body_bytes > BUFFER_HIGH or self._paused & P_BUFFER:
+            self.resume_client_reading(P_BUFFER)
+
+    def _flush(self, ex: Exchange) -> None:
+        out = ex.out
+        ex.out = []
+        ex.conn.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        self._keep_sent(ex, out)
+
+    @staticmethod
+    def _keep_sent(ex: Exchange, frames: list) -> None:
+        if ex.sent is None:
+            return
+        for f in frames:
+            ex.sent_bytes += len(f)
+        if ex.sent_bytes > REPLAY_LIMIT:
+            ex.sent = None
+        else:
+            ex.sent += frames
+
+    def _drop_upstream(self, ex: Exchange, failed: bool) -> None:
+        conn = ex.conn
+        if conn is not None:
+            ex.conn = None
+            conn.abort()
+        if ex.target is not None:
+            ex.target.active -= 1
+            if failed:
+                ex.target.health.report(False, self._loop.time())
+            ex.target = None
+
+    def _retry_or_fail(self, ex: Exchange, target, exc: GatewayError, connect_failed: bool = False,
+                       idle_reset: bool = False) -> None:
+        group = ex.route.group
+        replayable = ex.sent is not None and (ex.method in IDEMPOTENT or connect_failed or idle_reset)
+        if not ex.responded and replayable and ex.attempt < group.retries and ex.upgrade is None:
+            ex.attempt += 1
+            self._state.stats["retries"] += 1
+            if not idle_reset:
+                ex.excluded = ex.excluded + (target,)
+            ex.out = ex.sent + ex.out
+            ex.sent = []
+            ex.sent_bytes = 0
+            self._proxy(ex)
+            return
+        self._fail(ex, exc)
+
+    def _fail(self, ex: Exchange, exc: GatewayError) -> None:
+        """Answer `ex` with an error, or cut the client off if the response had already started."""
+        if ex.responded:
+            self._abort_client()
+            return
+        log.info("%s %s -> %d %s (%s)", ex.method.decode(), ex.target_path[:200], exc.status, exc.reason, exc)
+        ex.local = self._error_bytes(ex, exc.status, exc.reason, not (ex.keep_alive and ex.req_done))
+        if not ex.req_done:
+            ex.keep_alive = False
+        self.transport.write(ex.local)
+        ex.responded = True
+        self._finish(ex)
+
+    def _abort_client(self) -> None:
+        self._current = None
+        self._pipeline.clear()
+        self._closed = True
+        self.transport.abort()
+
+    # --- called by UpstreamProtocol ---------------------------------------------------------------
+    def loop_time(self) -> float:
+        return self._loop.time()
+
+    def informational(self, ex: Exchange, rh) -> None:
+        if rh.status != 100 and ex.version == 11:
+            self.transport.write(rh.head + b"\r\n")
+
+    def response_head(self, ex: Exchange, conn, rh) -> None:
+        ex.status = rh.status
+        route = ex.route
+        head = rh.head
+        if route.resp_remove:
+            head = _remove_headers(head, route.resp_remove)
+        parts = [head]
+        mode = rh.body_mode
+        if mode == 1 or (mode == 0 and rh.content_length >= 0):
+            parts.append(b"Content-Length: %d\r\n" % rh.content_length)
+        elif mode == 2:
+            if ex.version == 11:
+                parts += (b"Transfer-Encoding: ", rh.te, b"\r\n")
+            else:
+                ex.keep_alive = False
+        elif mode == 3:
+            ex.keep_alive = False
+        if not ex.req_done:
+            ex.keep_alive = False
+        if not ex.keep_alive or self._state.draining:
+            parts.append(CLOSE)
+        elif ex.version == 10:
+            parts.append(KEEP_ALIVE)
+        parts += (b"X-Request-ID: ", ex.request_id, b"\r\n", route.resp_add, b"\r\n")
+        self.transport.write(b"".join(parts))
+        ex.responded = True
+
+    def response_done(self, ex: Exchange, conn, reusable: bool) -> None:
+        target = ex.target
+        ex.conn = None
+        ex.target = None
+        now = self._loop.time()
+        if target is not None:
+            target.active -= 1
+            target.health.report(ex.status < 500, now)
+        if reusable and ex.req_done and not conn.closed:
+            conn.detach()
+            target.give_back(conn, now)
+        else:
+            conn.close()
+        self._state.stats["requests"] += 1
+        if self._current is ex:
+            self._finish(ex)
+
+    def upstream_failed(self, ex: Exchange, conn, exc: GatewayError) -> None:
+        target = ex.target
+        idle_reset = conn.requests > 1 and not conn.got_bytes
+        ex.conn = None
+        ex.target = None
+        conn.abort()
+        if target is not None:
+            target.active -= 1
+            if not idle_reset:
+                target.health.report(False, self._loop.time())
+        if self._current is not ex or self._closed:
+            return
+        self._retry_or_fail(ex, target, exc, idle_reset=idle_reset)
+
+    def abort_response(self, ex: Exchange, conn, exc: GatewayError) -> None:
+        log.warning("upstream broke a response mid-body: %s", exc)
+        self._drop_upstream(ex, failed=True)
+        self._abort_client()
+
+    # --- tunnels (WebSocket) ----------------------------------------------------------------------
+    def _on_upgrade(self, data, offset: int) -> None:
+        ex = self._ex or self._current
+        if ex is None or ex.upgrade is None or ex.local is not None:
+            self._reject_parse(400, "bad_request", "unexpected upgrade")
+            return
+        ex.req_done = True
+        ex.keep_alive = False
+        self._tunnel_buf = bytearray(data[offset:])
+        ex.out = []
+
+    def start_tunnel(self, ex: Exchange, rh, rest: bytes) -> None:
+        conn = ex.conn
+        ex.responded = True
+        self.transport.write(rh.head + b"Connection: upgrade\r\n\r\n" + rest)
+        self._tunnel = conn
+        buf = self._tunnel_buf
+        self._tunnel_buf = None
+        if buf:
+            conn.transport.write(bytes(buf))
+        self._state.stats["tunnels"] += 1
+
+    def tunnel_closed(self) -> None:
+        self._tunnel = None
+        self._close()
+
+    # --- flow control -----------------------------------------------------------------------------
+    def pause_client_reading(self, reason: int) -> None:
+        if not self._paused and self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume_client_reading(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and not self._closed:
+            self.transport.resume_reading()
+
+    # --- timeouts (called by the worker tick) -----------------------------------------------------
+    def check(self, now: float) -> None:
+        limits = self._state.gen.limits
+        phase = self._phase
+        if phase == IDLE and self._current is None:
+            limit = limits.keepalive_timeout if self._requests else limits.header_timeout
+            if self._state.draining:
+                limit = min(limit, DRAIN_GRACE)
+            if now - self._since > limit:
+                self._close()
+                return
+        elif phase == HEAD and now - self._since > limits.header_timeout and not self._dead:
+            self._state.stats["header_timeouts"] += 1
+            self._reject_parse(408, "request_timeout", "header timeout")
+            return
+        elif phase == BODY and now - self._since > limits.body_timeout and not self._dead:
+            ex = self._ex
+            if ex is not None and ex is self._current and ex.responded:
+                self._abort_client()
+                return
+            if ex is not None and ex is self._current:
+                self._drop_upstream(ex, failed=False)
+                self._current = None
+            self._ex = None
+            self._reject_parse(408, "request_timeout", "body timeout")
+            return
+        if self._wpaused and now - self._wpaused_since > limits.send_timeout:
+            self._abort_client()
+            return
+        ex = self._current
+        if ex is not None and ex.local is None and (ex.conn is not None or ex.connecting):
+            group = ex.route.group
+            if group.total_timeout and now - ex.started > group.total_timeout:
+                self._timeout(ex, "upstream total timeout")
+            elif ex.conn is not None and now - ex.last > group.read_timeout and not self._wpaused:
+                self._timeout(ex, "upstream read timeout")
+
+    def _timeout(self, ex: Exchange, what: str) -> None:
+        self._state.stats["upstream_timeouts"] += 1
+        ex.connecting = False
+        self._drop_upstream(ex, failed=True)
+        self._fail(ex, UpstreamTimeout(what))
+
+    def drain(self, now: float) -> None:
+        """Worker shutdown begins. A busy connection closes after its current response (which says
+        `Connection: close`). An idle one gets DRAIN_GRACE seconds: a request arriving meanwhile is
+        served with `Connection: close`; then it is closed. Closing idle keep-alive connections at
+        once would race clients that are sending on them right now (RFC 9112 §9.3.1)."""
+        if self._current is None and self._phase in (IDLE, WAIT):
+            self._phase = IDLE
+            self._since = now
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._abort_client()
+        if self._tunnel is not None:
+            self._tunnel.abort()
+
+
+def _remove_headers(head: bytes, names: frozenset) -> bytes:
+    lines = head.split(b"\r\n")
+    kept = [lines[0]] + [ln for ln in lines[1:] if ln.split(b":", 1)[0].strip().lower() not in names]
+    return b"\r\n".join(kept)
