@@ -124,6 +124,9 @@ class Supervisor:
     def spawn(self) -> Child:
         sockets = self._proxy_sockets(self.cfg)
         ready_r, ready_w = os.pipe()
+        # Block our signals across fork: one sent to the new child before it has reset the
+        # supervisor's handlers would otherwise land in the child's copy of our queue and be lost.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -134,6 +137,7 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 for sig in SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 from .server.worker import run_worker
 
                 code = run_worker(self.cfg, sockets, ready_w, self.generation, self.use_uvloop)
@@ -141,6 +145,7 @@ class Supervisor:
                 logging.getLogger("fastgate.worker").exception("worker crashed")
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(ready_w)
         os.set_blocking(ready_r, False)
         child = Child(pid, self.generation, ready_r)
