@@ -130,7 +130,7 @@ def start_fastgate(tmp: Path, port: int, cfg_text: str, cpu: str) -> subprocess.
 
 
 def wrk(port: int, duration: float, conns: int, cpu: str, script: Path | None = None, path: str = "/") -> dict:
-    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "--timeout", "5s"]
+    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{conns}", f"-d{int(duration)}s", "--latency", "--timeout", "5s"]
     if script is not None:
         cmd += ["-s", str(script)]
     cmd.append(f"http://127.0.0.1:{port}{path}")
@@ -198,7 +198,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenario", choices=["proxy", "routes", "all"], default="all")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--subject-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")

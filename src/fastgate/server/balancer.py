@@ -35,6 +35,9 @@ class RoundRobin(Balancer):
     def pick(self, key, now, exclude=()):
         ts = self.targets
         n = len(ts)
+        if n == 1:
+            t = ts[0]
+            return t if t.health.available(now) and not exclude else None
         if self._equal:
             for _ in range(n):
                 self._i = i = (self._i + 1) % n

@@ -20,7 +20,7 @@ CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 class TargetHealth:
     __slots__ = ("address", "active_up", "_act_ok", "_act_fail", "failures", "max_failures", "eject_for",
                  "ejected_until", "breaker", "b_window", "b_min", "b_ratio", "b_open_for", "b_start",
-                 "b_total", "b_failed", "b_until", "b_probe")
+                 "b_total", "b_failed", "b_until", "b_probe", "fail_statuses")
 
     def __init__(self, address: str, passive=None, breaker=None):
         self.address = address
@@ -29,6 +29,8 @@ class TargetHealth:
         self.failures = 0
         self.max_failures = passive.max_failures if passive is not None else 0
         self.eject_for = passive.eject_for if passive is not None else 0.0
+        # responses that count as failures (passive checks and the breaker); default: any 5xx
+        self.fail_statuses = frozenset(passive.failure_statuses if passive is not None else range(500, 600))
         self.ejected_until = 0.0
         self.breaker = CLOSED
         self.b_window = breaker.window if breaker else 0.0

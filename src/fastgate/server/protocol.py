@@ -85,7 +85,8 @@ class Exchange:
 class WorkerState:
     """Global state shared by every connection of a worker."""
 
-    __slots__ = ("loop", "gen", "connections", "date", "rid_prefix", "rid_n", "draining", "stats")
+    __slots__ = ("loop", "gen", "connections", "date", "rid_prefix", "rid_n", "draining", "stats", "now",
+                 "requests")
 
     def __init__(self, loop, gen, date: bytes, rid_prefix: bytes):
         self.loop = loop
@@ -96,6 +97,8 @@ class WorkerState:
         self.rid_n = 0
         self.draining = False
         self.stats = collections.Counter()
+        self.now = loop.time()  # refreshed by the worker's tick: timeouts have the tick's granularity
+        self.requests = 0
 
     def new_request_id(self) -> bytes:
         self.rid_n += 1
@@ -206,7 +209,7 @@ class GatewayProtocol(asyncio.Protocol):
             return
         if self._phase == IDLE or self._phase == WAIT:
             self._phase = HEAD
-            self._since = self._loop.time()
+            self._since = self._state.now
             self._head_bytes = 0
         try:
             self._parser.feed_data(data)
@@ -233,11 +236,6 @@ class GatewayProtocol(asyncio.Protocol):
             self._flush(ex)
 
     # --- parser callbacks (httptools) -------------------------------------------------------------
-    def on_message_begin(self):
-        self._url = b""
-        self._headers = []
-        self._hbytes = 0
-
     def on_url(self, url):
         self._url += url
         if len(self._url) > self._state.gen.limits.max_uri_bytes:
@@ -335,7 +333,10 @@ class GatewayProtocol(asyncio.Protocol):
             target = binding.upstream_path(npath, params)
             ex.target_path = target + b"?" + query if query else target
         self._phase = BODY
-        self._since = self._loop.time()
+        self._since = state.now
+        self._url = b""  # ready for the next request on this connection (no on_message_begin hook)
+        self._headers = []
+        self._hbytes = 0
         self._enqueue(ex)
 
     def on_body(self, body):
@@ -344,7 +345,7 @@ class GatewayProtocol(asyncio.Protocol):
             return
         n = len(body)
         ex.body_bytes += n
-        self._since = self._loop.time()
+        self._since = self._state.now
         limit = self._state.gen.limits.max_body_bytes
         if limit and ex.body_bytes > limit:
             return self._reject(413, "body_too_large")
@@ -387,7 +388,7 @@ class GatewayProtocol(asyncio.Protocol):
             return
         if ex.expect and not ex.req_done and ex.version == 11:
             self.transport.write(CONTINUE)
-        ex.started = ex.last = self._loop.time()
+        ex.started = ex.last = self._state.now
         self._proxy(ex)
 
     def _finish(self, ex: Exchange) -> None:
@@ -410,7 +411,7 @@ class GatewayProtocol(asyncio.Protocol):
             self._start(nxt)
         elif self._phase == WAIT:
             self._phase = IDLE
-            self._since = self._loop.time()
+            self._since = state.now
 
     def _close(self) -> None:
         if not self._closed:
@@ -488,7 +489,7 @@ class GatewayProtocol(asyncio.Protocol):
 
     def _proxy(self, ex: Exchange) -> None:
         group = ex.route.group
-        now = self._loop.time()
+        now = self._state.now
         key = self._hash_key(ex) if group.hash_on >= 0 else None
         target = group.balancer.pick(key, now, ex.excluded)
         if target is None and ex.excluded:
@@ -542,7 +543,7 @@ class GatewayProtocol(asyncio.Protocol):
             ex.target = None
             self._fail(ex, GatewayError(str(exc), 400, "bad_request"))
             return
-        ex.last = self._loop.time()
+        ex.last = self._state.now
         out = ex.out
         if out:
             ex.out = []
@@ -621,14 +622,12 @@ class GatewayProtocol(asyncio.Protocol):
         self.transport.abort()
 
     # --- called by UpstreamProtocol ---------------------------------------------------------------
-    def loop_time(self) -> float:
-        return self._loop.time()
-
     def informational(self, ex: Exchange, rh) -> None:
         if rh.status != 100 and ex.version == 11:
             self.transport.write(rh.head + b"\r\n")
 
-    def response_head(self, ex: Exchange, conn, rh) -> None:
+    def response_head(self, ex: Exchange, conn, rh) -> bytes:
+        """The head to send the client (the caller writes it, with the first body bytes)."""
         ex.status = rh.status
         route = ex.route
         head = rh.head
@@ -652,23 +651,27 @@ class GatewayProtocol(asyncio.Protocol):
         elif ex.version == 10:
             parts.append(KEEP_ALIVE)
         parts += (b"X-Request-ID: ", ex.request_id, b"\r\n", route.resp_add, b"\r\n")
-        self.transport.write(b"".join(parts))
         ex.responded = True
+        return b"".join(parts)
 
     def response_done(self, ex: Exchange, conn, reusable: bool) -> None:
         target = ex.target
         ex.conn = None
         ex.target = None
-        now = self._loop.time()
+        state = self._state
+        now = state.now
         if target is not None:
             target.active -= 1
-            target.health.report(ex.status < 500, now)
+            health = target.health
+            failed = ex.status in health.fail_statuses
+            if failed or health.failures or health.b_window:
+                health.report(not failed, now)
         if reusable and ex.req_done and not conn.closed:
-            conn.detach()
+            conn.ex = None
             target.give_back(conn, now)
         else:
             conn.close()
-        self._state.stats["requests"] += 1
+        state.requests += 1
         if self._current is ex:
             self._finish(ex)
 

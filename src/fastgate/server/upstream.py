@@ -137,7 +137,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
-        ex.last = ex.proto.loop_time()
+        ex.last = ex.proto._state.now
         if self.tunnel:
             ex.proto.transport.write(data)
             return
@@ -186,17 +186,20 @@ class UpstreamProtocol(asyncio.Protocol):
         elif mode == HEAD_CHUNKED:
             self.decode = ex.version == 10
             self.scanner = ChunkedScanner(self.decode)
-        ex.proto.response_head(ex, self, rh)
+        head = ex.proto.response_head(ex, self, rh)
         end = rh.end
         if mode == HEAD_NONE or (mode == HEAD_LENGTH and self.remaining == 0):
+            ex.proto.transport.write(head)
             if end < len(data):
                 self.keep_alive = False  # bytes after a body-less response: poisoned
             ex.proto.response_done(ex, self, self.keep_alive)
             return
         if end < len(data):
-            self._body(ex, data, end)
+            self._body(ex, data, end, head)  # head and the first body bytes in one writev
+        else:
+            ex.proto.transport.write(head)
 
-    def _body(self, ex, data, start: int) -> None:
+    def _body(self, ex, data, start: int, head=None) -> None:
         mode = self.mode
         proto = ex.proto
         if mode == HEAD_LENGTH:
@@ -204,9 +207,9 @@ class UpstreamProtocol(asyncio.Protocol):
             rem = self.remaining
             if n < rem:
                 self.remaining = rem - n
-                proto.transport.write(data if start == 0 else data[start:])
+                _send(proto.transport, head, data if start == 0 else data[start:])
                 return
-            proto.transport.write(data[start:start + rem] if start or n > rem else data)
+            _send(proto.transport, head, data[start:start + rem] if start or n > rem else data)
             if n > rem:
                 self.keep_alive = False  # extra bytes after the body: never reuse
             self.remaining = 0
@@ -216,22 +219,23 @@ class UpstreamProtocol(asyncio.Protocol):
                 end = self.scanner.feed(data, start)
             except ValueError:
                 self.keep_alive = False
+                if head is not None:
+                    proto.transport.write(head)
                 proto.abort_response(ex, self, UpstreamProtocolError("bad chunked framing from upstream"))
                 return
             if self.decode:
-                payload = self.scanner.take()
-                if payload:
-                    proto.transport.write(payload)
+                _send(proto.transport, head, self.scanner.take())
             elif end < 0:
-                proto.transport.write(data if start == 0 else data[start:])
+                _send(proto.transport, head, data if start == 0 else data[start:])
             else:
-                proto.transport.write(data[start:end])
+                _send(proto.transport, head, data[start:end])
             if end >= 0:
                 if end < len(data):
                     self.keep_alive = False
                 proto.response_done(ex, self, self.keep_alive)
         else:  # HEAD_CLOSE: until the upstream closes
-            proto.transport.write(data if start == 0 else data[start:])
+            _send(proto.transport, head, data if start == 0 else data[start:])
+
 
     # --- exchange management ----------------------------------------------------------------------
     def attach(self, ex) -> None:
@@ -269,3 +273,13 @@ async def connect(loop, target: Target, timeout: float) -> UpstreamProtocol:
     except OSError as exc:
         raise UpstreamConnectError(f"connect to {target.address}: {exc.strerror or exc}") from None
     return proto
+
+
+def _send(transport, head, body) -> None:
+    if head is None:
+        if body:
+            transport.write(body)
+    elif body:
+        transport.writelines((head, body))
+    else:
+        transport.write(head)

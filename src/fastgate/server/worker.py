@@ -65,7 +65,7 @@ class Worker:
 
     def _tick(self) -> None:
         state = self.state
-        now = self.loop.time()
+        state.now = now = self.loop.time()
         wall = int(time.time())
         if wall != self._last_date:
             self._last_date = wall
