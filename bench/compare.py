@@ -196,7 +196,9 @@ def spread_script(tmp: Path, n: int) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenario", choices=["proxy", "routes", "all"], default="all")
+    ap.add_argument("--scenario", choices=["proxy", "routes", "memory", "all"], default="all")
+    ap.add_argument("--idle-clients", type=int, default=10000)
+    ap.add_argument("--million", type=int, default=1_000_000, help="requests for the RSS check")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--connections", type=int, default=64)
@@ -259,6 +261,8 @@ def main() -> int:
             sections.append(("Route table size (requests spread over every route)",
                              table(results, "fastgate, 10 routes"),
                              "worker RSS after the run: " + ", ".join(f"{k}: {v} MB" for k, v in rss.items())))
+        if args.scenario in ("memory", "all"):
+            sections.append(memory_section(tmp, up_port, args, procs))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -270,6 +274,38 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     write_results(Path(args.results), command, args, sections)
     return 0
+
+
+def memory_section(tmp: Path, up_port: int, args, procs) -> tuple[str, str, str]:
+    """RSS of one worker with 10,000 routes: at start, after `args.million` requests spread over every
+    route, and with `args.idle_clients` idle keep-alive clients held open."""
+    port = free_port()
+    fg = start_fastgate(tmp, port, route_config(10000, up_port), args.subject_cpu)
+    procs.append(fg)
+    worker = children(fg.pid)[0]
+    start = rss_kb(worker)
+    script = spread_script(tmp, 10000)
+    done = 0
+    while done < args.million:
+        left = args.million - done
+        secs = max(2, min(30, int(left / 40000) + 1))
+        r = wrk(port, secs, args.connections, args.load_cpu, script)
+        done += r["requests"]
+    after = rss_kb(worker)
+    holder = subprocess.Popen([sys.executable, str(HERE / "idle_clients.py"), str(port), str(args.idle_clients), "20"],
+                              stdout=subprocess.PIPE, text=True)
+    held = int(holder.stdout.readline().strip() or 0)
+    time.sleep(1.0)
+    with_idle = rss_kb(worker)
+    holder.terminate()
+    holder.wait(30)
+    rows = ["| measurement | worker RSS MB |", "|---|---|",
+            f"| at start, 10,000 routes | {start / 1024:.1f} |",
+            f"| after {done:,} requests spread over the 10,000 routes | {after / 1024:.1f} |",
+            f"| with {held:,} idle keep-alive clients held | {with_idle / 1024:.1f} "
+            f"(+{(with_idle - after) / 1024:.1f}) |"]
+    return ("Memory (one worker)", "\n".join(rows),
+            "Targets: RSS ≤ 60 MB after a million requests; 10,000 idle clients ≤ 100 MB more.")
 
 
 def write_results(path: Path, command: str, args, sections) -> None:

@@ -20,6 +20,12 @@ def _load(path: str):
     return load_file(path)
 
 
+def _load_isolated(path: str):
+    from .config.load import load_file_isolated
+
+    return load_file_isolated(path)
+
+
 def _print_issues(exc: ConfigError) -> None:
     print(f"{exc.source or 'config'}: {len(exc.issues)} error(s)", file=sys.stderr)
     for issue in exc.issues:
@@ -54,10 +60,11 @@ def cmd_run(args) -> int:
     from .supervisor import Supervisor, cpu_count
 
     try:
-        cfg = _load(args.config)
+        cfg = _load_isolated(args.config)
     except ConfigError as exc:
         _print_issues(exc)
         return 1
+
     def overrides(c):
         return _override_listen(c, args.listen) if args.listen else c
 

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 
-from .config import load_file
+from .config.load import load_file_isolated
 from .config.schema import Config
 from .errors import ConfigError
 
@@ -58,6 +58,20 @@ def cpu_count() -> int:
     if quota is not None:
         n = min(n, max(1, int(quota + 0.999)))
     return max(1, n)
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one (nginx's worker_rlimit_nofile); returns it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
 
 
 def bind_listener(address: str, port: int, backlog: int) -> socket.socket:
@@ -180,6 +194,9 @@ class Supervisor:
         self._queue.append(sig)
 
     def run(self) -> int:
+        soft, _hard = raise_nofile_limit()
+        if soft < 4096:
+            log.warning("open-files limit is %d: raise `ulimit -n` to serve many connections", soft)
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self._wake_w)
@@ -305,7 +322,7 @@ class Supervisor:
             log.warning("reload: no config file to reload")
             return
         try:
-            cfg = self.overrides(load_file(self.config_path))
+            cfg = self.overrides(load_file_isolated(self.config_path))
         except ConfigError as exc:
             log.error("reload refused, keeping the running config:\n%s", exc)
             return
