@@ -66,6 +66,10 @@ def cmd_run(args) -> int:
         return 1
 
     def overrides(c):
+        import msgspec
+
+        if args.user:
+            c = msgspec.structs.replace(c, user=args.user)
         return _override_listen(c, args.listen) if args.listen else c
 
     cfg = overrides(cfg)
@@ -121,6 +125,7 @@ def _workers(value: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgate", description="API gateway with a compiled hot path")
     p.add_argument("--log-level", default=os.environ.get("FASTGATE_LOG_LEVEL", "info"))
+    p.add_argument("--log-file", help="log here instead of stderr; SIGUSR1 reopens it")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="start the gateway")
     r.add_argument("-c", "--config", default=DEFAULT_CONFIG)
@@ -128,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--listen", help="HOST:PORT for the proxy listener (replaces the config's)")
     r.add_argument("--pid-file", default=DEFAULT_PID)
     r.add_argument("--asyncio", action="store_true", help="use the stock asyncio loop instead of uvloop")
+    r.add_argument("--user", help="started as root: run workers as this user (overrides the config's)")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("check", help="validate a config file; print every error with its path")
     c.add_argument("-c", "--config", default=DEFAULT_CONFIG)
@@ -146,9 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LOG_FORMAT = "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    handlers = None
+    if args.log_file:
+        from .supervisor import ReopenableFileHandler
+
+        handlers = [ReopenableFileHandler(args.log_file)]
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, handlers=handlers)
     return args.func(args)
 
 

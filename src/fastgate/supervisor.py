@@ -74,6 +74,26 @@ def raise_nofile_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def drop_privileges(user: str | None, group: str | None) -> None:
+    """In a worker started as root: switch to `user` (and `group`, default the user's own group).
+
+    The supervisor keeps root so that a reload can bind a new privileged port; workers, which touch
+    every request, never run as root when a user is configured (nginx's master/worker split)."""
+    if os.getuid() != 0:
+        return
+    if user is None:
+        log.warning("workers are running as root: set `user:` in the config (e.g. user: nobody)")
+        return
+    import grp
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(pw.pw_uid)
+
+
 def bind_listener(address: str, port: int, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -85,6 +105,25 @@ def bind_listener(address: str, port: int, backlog: int) -> socket.socket:
     sock.setblocking(False)
     sock.set_inheritable(True)
     return sock
+
+
+class ReopenableFileHandler(logging.FileHandler):
+    """A log file that SIGUSR1 reopens (after logrotate moved it away)."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self.stream.close()
+            self.stream = self._open()
+        finally:
+            self.release()
+
+
+def reopen_logs() -> None:
+    for h in logging.getLogger().handlers:
+        if isinstance(h, ReopenableFileHandler):
+            h.reopen()
 
 
 class Child:
@@ -149,10 +188,13 @@ class Supervisor:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 signal.set_wakeup_fd(-1)
-                for sig in SIGNALS:
-                    signal.signal(sig, signal.SIG_DFL)
+                for sig in SIGNALS:  # HUP, USR1, TTIN and TTOU would kill or stop a worker by default
+                    keep_default = sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+                    signal.signal(sig, signal.SIG_DFL if keep_default else signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 from .server.worker import run_worker
+
+                drop_privileges(self.cfg.user, self.cfg.group)
 
                 code = run_worker(self.cfg, sockets, ready_w, self.generation, self.use_uvloop)
             except BaseException:  # noqa: BLE001 - a worker must never return into the supervisor
@@ -299,6 +341,8 @@ class Supervisor:
         pass  # reaped every turn of the loop
 
     def handle_usr1(self) -> None:
+        reopen_logs()
+        log.info("log files reopened")
         for c in self.children.values():
             try:
                 os.kill(c.pid, signal.SIGUSR1)

@@ -181,3 +181,51 @@ def test_crash_loop_backs_off_and_is_reported(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+def _uid(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="privilege drop needs root")
+def test_workers_drop_to_the_configured_user(tmp_path):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    g = Gateway(tmp_path, BASE % "dropped" + "user: nobody\n")
+    try:
+        workers = g.wait_workers(2)
+        deadline = time.monotonic() + 10  # a worker switches user right after fork
+        while time.monotonic() < deadline and not all(_uid(p) == nobody for p in workers):
+            time.sleep(0.05)
+        assert _uid(g.proc.pid) == 0  # the supervisor keeps root to bind ports on reload
+        assert all(_uid(p) == nobody for p in workers)
+        assert httpx.get(g.url).text == "dropped"
+    finally:
+        g.stop()
+
+
+def test_sigusr1_reopens_the_log_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(BASE % "x")
+    log = tmp_path / "fastgate.log"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fastgate", "--log-file", str(log), "run", "-c", str(cfg),
+                             "--listen", f"127.0.0.1:{port}", "--pid-file", str(tmp_path / "p")])
+    try:
+        deadline = time.monotonic() + 20
+        while "started" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rotated = tmp_path / "fastgate.log.1"
+        log.rename(rotated)  # what logrotate does
+        proc.send_signal(signal.SIGUSR1)
+        while not (log.exists() and "reopened" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "log files reopened" in log.read_text()
+        assert "started" in rotated.read_text() and "started" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)

@@ -251,3 +251,5 @@ class Config(Base):
     policies: list[AnyPolicy] = []  # global: apply to every route
     server_header: bool = False  # send `Server: fastgate` on gateway-generated responses
     access_log: str | None = None
+    user: str | None = None  # started as root: workers switch to this user (and its group) after fork
+    group: str | None = None

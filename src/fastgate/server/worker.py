@@ -54,8 +54,11 @@ class Worker:
             self.servers.append(server)
         self._stopping = loop.create_future()
         if self.install_signals:
+            from ..supervisor import reopen_logs
+
             loop.add_signal_handler(signal.SIGTERM, self.drain)
             loop.add_signal_handler(signal.SIGINT, self.drain)
+            loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
         self._tick()
         if self.ready_fd is not None:
             os.write(self.ready_fd, b"R")
@@ -109,7 +112,6 @@ def run_worker(cfg: Config, sockets, ready_fd: int | None = None, number: int = 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTTIN, signal.SIG_IGN)
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     worker = Worker(cfg, sockets, ready_fd, number)
     if use_uvloop:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
