@@ -53,6 +53,7 @@ cdef enum:
     C_END_LF = 9
     C_DONE = 10
     C_ERROR = 11
+    C_TRAILER_NAME = 12
 
 cdef bint TCHAR[256]
 cdef bint HOSTCHAR[256]
@@ -293,6 +294,7 @@ def scan_request(list headers not None):
     cdef const char* tok
     cdef Py_ssize_t nl, vl, tn, pos, i
     cdef int code
+    cdef int64_t val
     cdef bint conn_upgrade = False
     info.host = None
     info.content_length = -1
@@ -315,12 +317,14 @@ def scan_request(list headers not None):
                     raise ValueError("invalid Host header")
             info.host = value
         elif code == H_CONTENT_LENGTH:
-            info.content_length = _digits(v, vl)
-            if info.content_length < 0:
+            val = _digits(v, vl)
+            if val < 0:
                 raise ValueError("invalid Content-Length")
-        elif code == H_TRANSFER_ENCODING:
+            if info.content_length >= 0 and val != info.content_length:
+                raise ValueError("conflicting Content-Length")
+            info.content_length = val
+        elif code == H_TRANSFER_ENCODING:  # all TE lines form one list: chunked iff it is the last coding
             pos = 0
-            info.chunked = False
             while pos <= vl:
                 pos = _next_token(v, vl, pos, &tok, &tn)
                 if tn:
@@ -476,19 +480,18 @@ def build_request_head(bytes method, bytes target, list headers, bytes host, byt
         _w_checked(&w, request_id, "X-Request-ID")
         _w(&w, b"\r\n", 2)
         if body_mode == 1:
+            if content_length < 0:
+                raise ValueError("negative Content-Length")
+            # digits right-aligned in num[0:32], written from the last one back
             k = 0
-            if content_length == 0:
-                num[0] = c'0'
-                k = 1
-            while content_length > 0:
+            while True:
                 num[31 - k] = <char>(c'0' + content_length % 10)
                 content_length //= 10
                 k += 1
+                if content_length <= 0:
+                    break
             _w(&w, b"Content-Length: ", 16)
-            if num[0] == c'0' and k == 1:
-                _w(&w, num, 1)
-            else:
-                _w(&w, num + 32 - k, k)
+            _w(&w, num + 32 - k, k)
             _w(&w, b"\r\n", 2)
         elif body_mode == 2:
             _w(&w, b"Transfer-Encoding: chunked\r\n", 28)
@@ -539,6 +542,8 @@ def scan_response_head(data, Py_ssize_t start, bint head_request, Py_ssize_t max
     cdef Py_buffer buf
     PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
     try:
+        if start < 0 or start > buf.len or max_size < 0:
+            raise ValueError(f"start {start} / max_size {max_size} outside a {buf.len}-byte buffer")
         return _scan_response(<const char*>buf.buf, buf.len, start, head_request, max_size)
     finally:
         PyBuffer_Release(&buf)
@@ -718,7 +723,7 @@ cdef object _scan_response(const char* p, Py_ssize_t n, Py_ssize_t start, bint h
     else:
         rh.body_mode = 3
     rh.keep_alive = ((version == 11 and not conn_close) or (version == 10 and conn_keep and not conn_close)) \
-        and rh.body_mode != 3 and not (te_seen and cl_seen)
+        and rh.body_mode != 3 and not (te_seen and (cl_seen or version == 10))
     return rh
 
 
@@ -735,6 +740,7 @@ cdef class ChunkedScanner:
     cdef bint decode
     cdef list _out
     cdef bint quoted
+    cdef bint escaped
 
     def __init__(self, bint decode=False, Py_ssize_t max_line=4096, Py_ssize_t max_trailers=16384):
         self.state = C_SIZE
@@ -762,6 +768,8 @@ cdef class ChunkedScanner:
             raise ValueError("chunked body already finished" if self.state == C_DONE else "chunked body is broken")
         PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
         try:
+            if start < 0 or start > buf.len:
+                raise ValueError(f"start {start} outside a {buf.len}-byte buffer")
             r = self._scan(<const char*>buf.buf, buf.len, start)
         finally:
             PyBuffer_Release(&buf)
@@ -801,6 +809,7 @@ cdef class ChunkedScanner:
                 elif c == c';' or c == c' ' or c == c'\t':
                     self.state = C_EXT
                     self.quoted = False
+                    self.escaped = False
                     self.line += 1
                 elif c == c'\r':
                     self.state = C_SIZE_LF
@@ -810,8 +819,14 @@ cdef class ChunkedScanner:
                 self.line += 1
                 if self.line > self.max_line:
                     return -2
-                if c == c'"':
+                if self.escaped:  # quoted-pair: "\" ( HTAB / SP / VCHAR / obs-text )
+                    self.escaped = False
+                    if (c < 0x20 and c != c'\t') or c == 0x7F:
+                        return -2
+                elif c == c'"':
                     self.quoted = not self.quoted
+                elif c == c'\\' and self.quoted:
+                    self.escaped = True
                 elif c == c'\r' and not self.quoted:
                     self.state = C_SIZE_LF
                 elif (c < 0x20 and c != c'\t') or c == 0x7F:
@@ -838,9 +853,17 @@ cdef class ChunkedScanner:
                 if c == c'\r':
                     self.state = C_END_LF
                 elif TCHAR[c]:
-                    self.state = C_TRAILER_LINE
+                    self.state = C_TRAILER_NAME
                 else:
                     return -2  # obs-fold or garbage
+            elif self.state == C_TRAILER_NAME:  # field-name ":", no whitespace before the colon
+                self.trailers += 1
+                if self.trailers > self.max_trailers:
+                    return -2
+                if c == c':':
+                    self.state = C_TRAILER_LINE
+                elif not TCHAR[c]:
+                    return -2
             elif self.state == C_TRAILER_LINE:
                 self.trailers += 1
                 if self.trailers > self.max_trailers:
