@@ -10,8 +10,15 @@ import shutil
 
 import pytest
 import uvloop
+from hypothesis import settings
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Under CI, property tests draw a fixed sequence of examples so a run is reproducible; locally
+# they explore freshly each time (and a failure there prints its reproduce blob).
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+if IN_CI:
+    settings.load_profile("ci")
 
 
 def need_binary(name: str, package: str) -> str:

@@ -111,3 +111,19 @@ async def test_requests_per_connection_limit(loop):
         out = await raw(gw.port, data)
         assert out.count(b"HTTP/1.1 200") == 3
         assert out.count(b"Connection: close") == 1
+
+
+async def test_local_answers_to_head_carry_no_body(loop):
+    """A body after a HEAD answer would be read as the next response on a kept-alive connection."""
+    from tests.harness import config, gateway, parse_responses, raw
+
+    doc = config(routes=[{"name": "m", "paths": ["/m"], "mock": {"body": "hello"},
+                          "policies": [{"type": "rate-limit", "rate": 1, "per": 60}]}])
+    async with gateway(doc) as gw:
+        resp = await raw(gw.port, b"HEAD /nope HTTP/1.1\r\nHost: a\r\n\r\nHEAD /m HTTP/1.1\r\nHost: a\r\n\r\n"
+                                  b"HEAD /m HTTP/1.1\r\nHost: a\r\n\r\nGET /m HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    heads = resp.split(b"\r\n\r\n")
+    # three heads with no body between them, then the GET's 429 with its JSON body
+    assert [h[:12] for h in heads[:4]] == [b"HTTP/1.1 404", b"HTTP/1.1 200", b"HTTP/1.1 429", b"HTTP/1.1 429"]
+    assert heads[4].startswith(b'{"error":"rate_limited"')
+    assert [r[0] for r in parse_responses(resp[resp.index(b"HTTP/1.1 429", 40) + 0:])][-1:] == [429]

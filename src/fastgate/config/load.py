@@ -106,8 +106,10 @@ def load_config(data: Any) -> Config:
     if cfg is _BAD:
         if isinstance(data, dict):  # still check references among the parts that are valid
             issues.extend(_partial_references(data))
+            issues.extend(_policy_issues(data))
         raise ConfigError(issues or [ConfigIssue("$", "invalid config")])
     issues.extend(check_references(cfg))
+    issues.extend(_policy_issues(data))
     if issues:
         raise ConfigError(issues)
     return cfg
@@ -342,11 +344,73 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
                 Router([(host, (), "/", 0, None)])
             except ValueError as exc:
                 issues.append(ConfigIssue(f"{path}.hosts[{h}]", str(exc), "e.g. api.example.com or *.example.com"))
+    issues += admin_issues(cfg)
     for i, c in enumerate(cfg.consumers):
         if c.plan is not None and c.plan not in plans:
             issues.append(ConfigIssue(f"$.consumers[{i}].plan", f"unknown plan `{c.plan}`",
                                       "defined: " + (", ".join(sorted(plans)) or "none")))
     return issues
+
+
+LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
+
+
+def admin_issues(cfg: Config) -> list[ConfigIssue]:
+    """An admin listener needs a token, unless it is on loopback and `admin.allow_no_token` says so."""
+    out = []
+    a = cfg.admin
+    for i, li in enumerate(cfg.listeners):
+        if li.kind != "admin" or a.token is not None or a.token_env is not None:
+            continue
+        if not a.allow_no_token:
+            out.append(ConfigIssue("$.admin", "an admin listener needs a token", "set admin.token_env (or "
+                                   "admin.token); on a loopback address only, admin.allow_no_token: true"))
+        elif li.address not in LOOPBACK and not li.address.startswith("127."):
+            out.append(ConfigIssue(f"$.listeners[{i}].address", f"admin.allow_no_token on a non-loopback "
+                                   f"address ({li.address})", "bind the admin listener to 127.0.0.1 or set a token"))
+    return out
+
+
+def _policy_issues(data) -> list[ConfigIssue]:
+    """What a policy can only check by running code (a plugin imports its class, say): each policy
+    type's builder may have `check(policy) -> [(relative path, message, hint)]`. Walks the raw
+    document, so a policy that is valid on its own is checked even when its route is not."""
+    from ..policies import BUILDERS, load_builders
+    from ..policies.base import COMPILED_ELSEWHERE
+    from .schema import AnyPolicy
+
+    load_builders()
+    out: list[ConfigIssue] = []
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "policies" and isinstance(v, list):
+                    for j, item in enumerate(v):
+                        try:
+                            policy = msgspec.convert(item, AnyPolicy)
+                        except msgspec.ValidationError:
+                            continue  # reported by the schema pass
+                        builder = BUILDERS.get(type(policy))
+                        if builder is None and policy.__struct_config__.tag not in COMPILED_ELSEWHERE:
+                            out.append(ConfigIssue(f"{path}.{k}[{j}].type", "this policy type is not "
+                                                   "implemented in this build", "remove it or upgrade"))
+                        if path.startswith(("$.consumers", "$.plans")) and \
+                                getattr(builder, "phase", None) == "authentication":
+                            out.append(ConfigIssue(f"{path}.{k}[{j}].type", "an authentication policy cannot be "
+                                                   "attached to a consumer or plan (they run after authentication)",
+                                                   "attach it to the route, API or globally"))
+                        check = getattr(builder, "check", None)
+                        for rel, msg, hint in check(policy) if check is not None else ():
+                            out.append(ConfigIssue(f"{path}.{k}[{j}].{rel}", msg, hint))
+                else:
+                    walk(v, f"{path}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(data, "$")
+    return out
 
 
 def _template_refs(template: str) -> list[str]:

@@ -34,7 +34,7 @@ class Tls(Base):
 
 class Listener(Base):
     port: Port
-    kind: Literal["proxy", "admin", "portal"] = "proxy"
+    kind: Literal["proxy", "admin", "portal", "metrics"] = "proxy"
     address: str = "127.0.0.1"
     tls: Tls | None = None
     backlog: Annotated[int, Meta(ge=1, le=65535)] = 1024
@@ -49,6 +49,7 @@ class Limits(Base):
     max_uri_bytes: Annotated[int, Meta(ge=64)] = 8192  # nginx large_client_header_buffers: 8k per line
     max_header_bytes: Annotated[int, Meta(ge=256)] = 32768  # nginx: 4 x 8k buffers
     max_headers: Annotated[int, Meta(ge=1, le=10000)] = 100  # Envoy max_headers_count
+    underscores_in_headers: bool = False  # nginx's default: header names with "_" are dropped
     max_body_bytes: Bytes = 1048576  # nginx client_max_body_size 1m; 0 = unlimited
     header_timeout: Seconds = 10.0  # from a request's first byte to its last header byte
     body_timeout: Seconds = 60.0  # nginx client_body_timeout (between two reads)
@@ -79,6 +80,24 @@ class Store(Base):
     backend: Literal["sqlite", "redis"] = "sqlite"
     path: str = "fastgate.db"
     redis_url: str | None = None
+
+
+class Admin(Base):
+    """The admin API's bearer token (control process, `kind: admin` listener)."""
+
+    token: Annotated[str, Meta(min_length=16)] | None = None
+    token_env: EnvName | None = None  # read the token from this environment variable instead
+    allow_no_token: bool = False  # only on a loopback listener: serve the admin API without a token
+
+    def __post_init__(self):
+        if self.token is not None and self.token_env is not None:
+            raise ValueError("give either token or token_env, not both")
+
+
+class Portal(Base):
+    """The developer portal (control process, `kind: portal` listener)."""
+
+    approval: bool = False  # developers who sign up wait for an admin's approval
 
 
 # --- upstreams -------------------------------------------------------------------------------------
@@ -162,7 +181,353 @@ class ResponseHeaders(Policy, tag="response-headers"):
     remove: list[HeaderName] = []
 
 
-AnyPolicy = RequestHeaders | ResponseHeaders
+class RateLimit(Policy, tag="rate-limit"):
+    """`rate` requests per `per` seconds with bursts up to `burst` (default: rate), per `key`."""
+
+    rate: Annotated[float, Meta(gt=0)]
+    per: Seconds = 1.0
+    burst: Count | None = None
+    algorithm: Literal["token_bucket", "gcra", "sliding_window"] = "token_bucket"
+    key: Literal["ip", "route", "api", "consumer", "header"] = "ip"
+    header: HeaderName | None = None  # for key: header
+    backend: Literal["local", "redis"] | None = None  # default: counters.backend
+
+    def __post_init__(self):
+        if self.key == "header" and not self.header:
+            raise ValueError("key `header` needs `header` (the header's name)")
+
+
+# --- access and traffic (policies/access.py, threat.py, plans.py) ---------------------------------
+Cidr = Annotated[str, Meta(min_length=1, max_length=64)]  # 10.0.0.0/8, 2001:db8::/32, 192.0.2.1; see check()
+UaRegex = Annotated[str, Meta(min_length=1, max_length=1024)]
+
+
+class IpRestriction(Policy, tag="ip-restriction"):
+    """Refuse clients by address (`ex.client_ip`, after real-ip): `deny` wins, then `allow` (if any) must match."""
+
+    allow: list[Cidr] = []
+    deny: list[Cidr] = []
+    status: Annotated[int, Meta(ge=400, le=599)] = 403
+    message: str | None = None  # added to the JSON error as "message"
+
+    def __post_init__(self):
+        if not self.allow and not self.deny:
+            raise ValueError("ip-restriction needs `allow`, `deny` or both")
+
+
+class RealIp(Policy, tag="real-ip"):
+    """When the TCP peer is in `trusted`, the client is the address its `header` names (nginx realip)."""
+
+    trusted: Annotated[list[Cidr], Meta(min_length=1)]
+    header: HeaderName = "x-forwarded-for"  # or x-real-ip, forwarded (RFC 7239 for=)
+    recursive: bool = True  # the rightmost address not in `trusted` (nginx real_ip_recursive on)
+
+
+CorsOrigin = Annotated[str, Meta(min_length=1, max_length=512)]
+
+
+class Cors(Policy, tag="cors"):
+    """Browser cross-origin access: preflights answered here (204), actual responses get Allow-Origin."""
+
+    origins: Annotated[list[CorsOrigin], Meta(min_length=1)]  # https://a.example, *.example.com, *
+    methods: list[Method] = msgspec.field(
+        default_factory=lambda: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+    headers: list[HeaderName] | None = None  # None: allow what the preflight asks for
+    expose_headers: list[HeaderName] = []
+    credentials: bool = False
+    max_age: Annotated[int, Meta(ge=0, le=86400)] | None = None  # seconds a browser may cache a preflight
+
+    def __post_init__(self):
+        if self.credentials and "*" in self.origins:
+            raise ValueError("credentials: true cannot be used with origin `*` (browsers refuse it); "
+                             "list the origins")
+        if self.credentials and ("*" in (self.headers or ()) or "*" in self.expose_headers):
+            raise ValueError("credentials: true makes `*` in headers/expose_headers literal; list the names")
+
+
+class RequestSize(Policy, tag="request-size"):
+    """413 for a body above `max_bytes`: a declared length before reading; chunked bodies see `chunked`."""
+
+    max_bytes: Bytes
+    chunked: Literal["buffer", "reject"] = "buffer"  # buffer up to max_bytes (413 beyond), or 411
+
+    def __post_init__(self):
+        if self.chunked == "buffer" and self.max_bytes > 262144:
+            raise ValueError("chunked: buffer holds the route's bodies in memory, up to 262144 bytes (256 KiB); "
+                             "above that use chunked: reject (411 for chunked bodies)")
+
+
+class JsonThreat(Policy, tag="json-threat"):
+    """Refuse JSON bodies past structural limits (400 json_threat) before the upstream sees them."""
+
+    max_depth: Annotated[int, Meta(ge=1, le=1000)] = 32
+    max_keys: Count = 256  # per object
+    max_string: Count = 8192  # characters, keys and values
+    max_array: Count = 1024  # items per array
+    max_total_keys: Count | None = None  # over the whole document
+    allow_non_json: bool = False  # a body with a non-JSON content type: pass (true) or 415 (false)
+    # bytes buffered to check; 413 beyond. At most 256 KiB: the engine stops reading a body past
+    # protocol.BUFFER_HIGH until an upstream connection exists, which a held body never gets
+    body_limit: Annotated[int, Meta(ge=1, le=262144)] = 262144
+
+
+class UserAgent(Policy, tag="user-agent"):
+    """Regexes (Python `re`, searched) on User-Agent: `allow` passes, then `deny` refuses; allow-only
+    refuses the rest."""
+
+    allow: list[UaRegex] = []
+    deny: list[UaRegex] = []
+    status: Annotated[int, Meta(ge=400, le=599)] = 403
+
+    def __post_init__(self):
+        if not self.allow and not self.deny:
+            raise ValueError("user-agent needs `allow`, `deny` or both")
+
+
+class RequestTermination(Policy, tag="request-termination"):
+    """Answer at once (maintenance, a retired endpoint): `json` or `body`, never forwarded."""
+
+    status: Annotated[int, Meta(ge=200, le=599)] = 503
+    json: Any = None
+    body: str | None = None
+    content_type: Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\r\n]+$")] | None = None
+
+    def __post_init__(self):
+        if self.body is not None and self.json is not None:
+            raise ValueError("give either body or json, not both")
+        if self.status in (204, 304) and (self.body or self.json is not None):
+            raise ValueError(f"a {self.status} response has no body")
+
+
+class PlanLimits(Policy, tag="plan-limits"):
+    """The consumer's plan (`plans:`): its rate limits and calendar quotas (UTC hour/day/month)."""
+
+    require_plan: bool = False  # no consumer, or one without a plan: 403 (else it passes)
+    backend: Literal["local", "redis"] | None = None  # default: counters.backend
+
+
+class ConcurrencyLimit(Policy, tag="concurrency-limit"):
+    """At most `limit` requests in flight per `key` on this host (shared-memory counters)."""
+
+    limit: Count
+    key: Literal["route", "consumer", "ip"] = "route"
+    status: Literal[429, 503] = 429
+    ttl: Seconds = 600.0  # a place a crashed worker held is forgotten this long after the key's last use
+
+
+# --- authentication and authorization ------------------------------------------------------------
+JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
+                       "ES384", "ES512", "EdDSA"]
+EnvName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+ParamName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.~\-]+$")]
+
+
+class KeyAuth(Policy, tag="key-auth"):
+    """An API key in a header (or, when allowed, a query parameter), matched by its SHA-256 hash
+    against the consumers' `keys`."""
+
+    header: HeaderName | None = "apikey"
+    query: ParamName | None = None  # off by default: a key in the query string ends up in logs
+    hide_credentials: bool = True  # the upstream never sees the key
+    anonymous: str | None = None  # username used when no key is sent (absent: 401)
+
+    def __post_init__(self):
+        if self.header is None and self.query is None:
+            raise ValueError("key-auth needs `header` or `query`")
+
+
+class BasicAuth(Policy, tag="basic-auth"):
+    """`Authorization: Basic` checked against the consumers' `basic` credentials (password hashes)."""
+
+    hide_credentials: bool = True
+    anonymous: str | None = None
+    cache_size: Count = 10000  # verified Authorization values kept so the KDF does not run per request
+
+
+class HmacAuth(Policy, tag="hmac-auth"):
+    """Kong-style HTTP signatures: `Authorization: hmac username="<key_id>", algorithm="hmac-sha256",
+    headers="date request-line", signature="<base64>"`, keyed by the consumers' `hmac` credentials."""
+
+    clock_skew: Seconds = 300.0
+    algorithms: list[Literal["hmac-sha256", "hmac-sha384", "hmac-sha512"]] = \
+        msgspec.field(default_factory=lambda: ["hmac-sha256", "hmac-sha384", "hmac-sha512"])
+    enforce_headers: list[HeaderName] = []  # must be among the signed headers (date always is)
+    validate_body: bool = False  # `Digest: SHA-256=<base64>` must match the body (and be signed)
+    body_limit: Bytes = 1048576
+    hide_credentials: bool = True
+    anonymous: str | None = None
+
+
+class JwtKey(Base):
+    algorithm: JwtAlgorithm
+    kid: str | None = None  # None: the key applies to tokens with any (or no) kid
+    key: str | None = None  # PEM public key (RS/PS/ES/EdDSA)
+    secret_env: EnvName | None = None  # HS*: the environment variable holding the shared secret
+    issuer: str | None = None  # this key only signs for this `iss`
+
+    def __post_init__(self):
+        if self.algorithm.startswith("HS"):
+            if self.secret_env is None or self.key is not None:
+                raise ValueError(f"{self.algorithm} needs `secret_env` (a shared secret), not `key`")
+        elif self.key is None or self.secret_env is not None:
+            raise ValueError(f"{self.algorithm} needs `key` (a PEM public key), not `secret_env`")
+
+
+class Jwt(Policy, tag="jwt"):
+    """Bearer JWTs verified with configured keys and/or a JWKS; the algorithm comes from the key,
+    never from the token."""
+
+    keys: list[JwtKey] = []
+    jwks_url: str | None = None
+    jwks_algorithms: Annotated[list[JwtAlgorithm], Meta(min_length=1)] = \
+        msgspec.field(default_factory=lambda: ["RS256", "ES256", "PS256", "EdDSA"])
+    jwks_refresh: Seconds = 300.0
+    jwks_cooldown: Seconds = 30.0  # at most one refetch per this long for an unknown kid
+    jwks_timeout: Seconds = 5.0  # how long the first request waits for the key set (then 503)
+    issuer: str | list[str] | None = None
+    audience: str | list[str] | None = None
+    leeway: Annotated[float, Meta(ge=0, le=600)] = 30.0
+    max_token_bytes: Annotated[int, Meta(ge=64, le=1048576)] = 8192
+    header: HeaderName | None = "authorization"  # `Authorization: Bearer <token>`; other headers: the raw token
+    query: ParamName | None = None
+    cookie: str | None = None
+    claims_to_headers: dict[str, HeaderName] = {}
+    consumer_claim: str = "sub"
+    required_scopes: list[str] = []
+    cache_size: Count = 10000
+
+    def __post_init__(self):
+        if not self.keys and not self.jwks_url:
+            raise ValueError("jwt needs `keys` or `jwks_url`")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("http://", "https://")):
+            raise ValueError("jwks_url must be an http:// or https:// URL")
+        if self.header is None and self.query is None and self.cookie is None:
+            raise ValueError("jwt needs `header`, `query` or `cookie`")
+        if any(a.startswith("HS") for a in self.jwks_algorithms):
+            raise ValueError("jwks_algorithms cannot include HS*: a key set is public, an HMAC key is a secret")
+
+
+class Introspection(Policy, tag="introspection"):
+    """OAuth 2.0 token introspection (RFC 7662) of the bearer token at the authorization server."""
+
+    endpoint: str
+    client_id: str
+    client_secret_env: EnvName
+    timeout: Seconds = 2.0
+    cache_ttl: Annotated[float, Meta(ge=0, le=60)] = 60.0  # never past the token's exp
+    required_scopes: list[str] = []
+    consumer_claim: str = "sub"
+    max_token_bytes: Annotated[int, Meta(ge=64, le=1048576)] = 8192
+    cache_size: Count = 10000
+
+    def __post_init__(self):
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError("endpoint must be an http:// or https:// URL")
+
+
+class Acl(Policy, tag="acl"):
+    """Consumer groups allowed / denied (deny wins)."""
+
+    allow: list[Name] = []
+    deny: list[Name] = []
+
+    def __post_init__(self):
+        if not self.allow and not self.deny:
+            raise ValueError("acl needs `allow` or `deny`")
+
+
+class RequireScopes(Policy, tag="require-scopes"):
+    """Scopes (JWT `scope`/`scp`, introspection `scope`) and claim values the token must carry."""
+
+    scopes: list[str] = []
+    claims: dict[str, Any] = {}
+
+
+class ProxyCache(Policy, tag="proxy-cache"):
+    """Per-worker LRU of upstream responses, honouring Cache-Control and Vary."""
+
+    ttl: Seconds = 60.0  # when the response says nothing (s-maxage / max-age win)
+    methods: list[Literal["GET", "HEAD"]] = msgspec.field(default_factory=lambda: ["GET", "HEAD"])
+    statuses: list[Status] = msgspec.field(default_factory=lambda: [200, 203, 204, 300, 301, 404, 410])
+    vary_headers: list[HeaderName] = []  # request headers that are part of the key
+    query: bool = True  # the query string is part of the key
+    max_entries: Count = 10000
+    max_body: Bytes = 1048576  # larger responses are passed through, not stored
+    cache_authenticated: bool = False  # cache answers to requests with credentials (Authorization, a consumer)
+
+
+class ResponseBody(Policy, tag="response-body"):
+    """JSON response body edits: remove fields, rename fields (dotted paths, `*` for every array item
+    or object member). The response is held back whole, up to `max_bytes` (past it: 502)."""
+
+    remove: list[Annotated[str, Meta(min_length=1, max_length=512)]] = []
+    rename: dict[Annotated[str, Meta(min_length=1, max_length=512)], Annotated[str, Meta(min_length=1,
+                                                                                            max_length=128)]] = {}
+    max_bytes: Annotated[int, Meta(ge=1, le=64 << 20)] = 1048576
+
+    def __post_init__(self):
+        if not self.remove and not self.rename:
+            raise ValueError("response-body needs `remove` or `rename`")
+
+
+TemplateValue = Annotated[str, Meta(max_length=4096)]  # may use $(header.x), $(query.x), $(consumer.username)...
+QueryName = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class QueryTransform(Base):
+    """Edits of the query string sent upstream (names and values as decoded; re-encoded when set)."""
+
+    add: dict[QueryName, TemplateValue] = {}  # only when absent
+    remove: list[QueryName] = []
+    rename: dict[QueryName, QueryName] = {}
+    replace: dict[QueryName, TemplateValue] = {}  # only when present
+
+
+class RequestTransformer(Policy, tag="request-transformer"):
+    """Request edits in the order remove → rename → replace → add → append (headers), then the path and
+    the query. `add` sets a header only when absent, `replace` only when present, `append` always."""
+
+    add: dict[HeaderName, TemplateValue] = {}
+    remove: list[HeaderName] = []
+    rename: dict[HeaderName, HeaderName] = {}
+    replace: dict[HeaderName, TemplateValue] = {}
+    append: dict[HeaderName, TemplateValue] = {}
+    query: QueryTransform | None = None
+    path: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None  # /v2/{id}: the route's params
+
+
+class ResponseTransformer(Policy, tag="response-transformer"):
+    """Response header edits (remove → rename → replace → add → append) on the upstream's answer."""
+
+    add: dict[HeaderName, TemplateValue] = {}
+    remove: list[HeaderName] = []
+    rename: dict[HeaderName, HeaderName] = {}
+    replace: dict[HeaderName, TemplateValue] = {}
+    append: dict[HeaderName, TemplateValue] = {}
+
+
+class OpenApiValidation(Policy, tag="openapi-validation"):
+    """Validate requests against an OpenAPI 3.0/3.1 document: path, query and header parameters and
+    JSON bodies. 400 `validation_failed` with details; 415 for a body type the operation refuses."""
+
+    spec: Annotated[str, Meta(min_length=1)]  # a YAML or JSON file
+    operation: Annotated[str, Meta(min_length=1)] | None = None  # operationId; default: method + path
+    validate: list[Literal["path", "query", "headers", "body"]] = msgspec.field(
+        default_factory=lambda: ["path", "query", "headers", "body"])
+    body_limit: Annotated[int, Meta(ge=1, le=262144)] = 262144
+    status: Status = 400
+
+
+class Plugin(Policy, tag="plugin"):
+    """Your own policy class, imported by path (`package.module:ClassName`), run in the worker.
+
+    The class's nested `Config` (a msgspec Struct) validates `config`; see README "Plugins"."""
+
+    module: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")]
+    config: dict[str, Any] = {}
+
+
+AnyPolicy = RequestHeaders | ResponseHeaders | RateLimit | IpRestriction | RealIp | Cors | RequestSize | JsonThreat | UserAgent | RequestTermination | PlanLimits | ConcurrencyLimit | KeyAuth | BasicAuth | HmacAuth | Jwt | Introspection | Acl | RequireScopes | ProxyCache | ResponseBody | RequestTransformer | ResponseTransformer | OpenApiValidation | Plugin
 
 
 # --- routes and APIs -------------------------------------------------------------------------------
@@ -210,6 +575,7 @@ class Api(Base):
     versions: Annotated[list[ApiVersion], Meta(min_length=1)]
     base_path: str = ""
     policies: list[AnyPolicy] = []
+    openapi: str | None = None  # an OpenAPI document (YAML or JSON file): the developer portal renders it
 
 
 # --- plans and consumers ---------------------------------------------------------------------------
@@ -228,12 +594,43 @@ class Plan(Base):
     name: Name
     rate_limits: list[RateLimitSpec] = []
     quotas: list[Quota] = []
+    policies: list[AnyPolicy] = []  # run for the plan's consumers, right after authentication
+    approval: bool = False  # developer-portal subscriptions to this plan wait for an admin (state pending)
+
+
+KeyHash = Annotated[str, Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
+PasswordHash = Annotated[str, Meta(pattern=r"^(pbkdf2_sha256\$[0-9]+\$[^$]+\$[^$]+|scrypt\$[0-9]+\$[^$]+\$[0-9]+\$[0-9]+\$[^$]+)$")]
+
+
+class BasicCredential(Base):
+    username: Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^:\x00-\x1f\x7f]+$")]
+    password_hash: PasswordHash  # Django's formats: pbkdf2_sha256$iterations$salt$b64hash, scrypt$n$salt$r$p$b64hash
+
+
+class HmacCredential(Base):
+    key_id: Annotated[str, Meta(min_length=1, max_length=256, pattern=r'^[^"\x00-\x1f\x7f]+$')]
+    secret_env: EnvName  # HMAC needs the secret itself: it is read from this variable at build time
 
 
 class Consumer(Base):
     username: Name
+    id: str | None = None  # sent upstream as X-Consumer-ID (default: the username)
     plan: str | None = None
     groups: list[Name] = []
+    keys: list[KeyHash] = []  # key-auth: "sha256:<hex>" of each API key, never the key
+    basic: list[BasicCredential] = []
+    hmac: list[HmacCredential] = []
+    policies: list[AnyPolicy] = []  # run for this consumer, right after authentication
+
+
+# --- observability ---------------------------------------------------------------------------------
+class AccessLog(Base):
+    path: Annotated[str, Meta(min_length=1)]
+    sample: Annotated[float, Meta(gt=0, le=1)] = 1.0  # the share of requests logged (errors: always)
+
+
+class Tracing(Base):
+    propagate: bool = True  # W3C traceparent: forwarded when valid, generated when absent or invalid
 
 
 # --- the document ----------------------------------------------------------------------------------
@@ -243,6 +640,8 @@ class Config(Base):
     limits: Limits = Limits()
     counters: Counters = Counters()
     store: Store = Store()
+    admin: Admin = Admin()
+    portal: Portal = Portal()
     upstreams: list[Upstream] = []
     routes: list[Route] = []
     apis: list[Api] = []
@@ -250,6 +649,8 @@ class Config(Base):
     consumers: list[Consumer] = []
     policies: list[AnyPolicy] = []  # global: apply to every route
     server_header: bool = False  # send `Server: fastgate` on gateway-generated responses
-    access_log: str | None = None
+    access_log: str | AccessLog | None = None  # a path, or {path, sample}
+    tracing: Tracing = Tracing()
+    latency_headers: bool = False  # X-Gateway-Latency / X-Upstream-Latency (ms) on proxied responses
     user: str | None = None  # started as root: workers switch to this user (and its group) after fork
     group: str | None = None

@@ -1,6 +1,7 @@
 """Compile a validated Config once into a Generation: router, routes, upstream groups.
 
-Workers swap whole generations on reload; nothing here is consulted from the config per request.
+Workers swap whole generations on reload; nothing here is consulted
+from the config per request.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import orjson
 from .._core.router import Router, parse_pattern
 from ..config.load import all_routes, split_address
 from ..config.schema import Config, RequestHeaders, ResponseHeaders
+from ..control.directory import Directory
+from ..metrics import RouteStats
+from ..policies.base import NO_POLICIES
 from .balancer import BALANCERS
 from .health import TargetHealth, run_active_checks
 from .responses import status_line
@@ -62,10 +66,12 @@ class UpstreamGroup:
 
 
 class CompiledRoute:
-    __slots__ = ("name", "group", "mock", "preserve_host", "req_drop", "req_add", "resp_add",
-                 "resp_remove", "api", "version")
+    __slots__ = ("stats", "name", "group", "mock", "preserve_host", "req_drop", "req_add", "resp_add",
+                 "resp_remove", "api", "version", "chain")
 
     def __init__(self, r, group, mock, req_drop, req_add, resp_add, resp_remove, api=None, version=None):
+        self.chain = NO_POLICIES  # the route's compiled policies (policies/base.py)
+        self.stats = RouteStats(r.name)  # this worker's counts for /metrics (metrics.py)
         self.name = r.name
         self.group = group
         self.mock = mock  # (head bytes without Date/Connection, body bytes) or None
@@ -154,11 +160,21 @@ def _header_policies(policies) -> tuple[frozenset, tuple, bytes, frozenset]:
 class Generation:
     """Everything a worker needs to serve one config, compiled once."""
 
-    def __init__(self, cfg: Config, number: int = 1):
+    def __init__(self, cfg: Config, number: int = 1, counters=None):
+        from ..policies import load_builders
+
+        load_builders(cfg)
+        from ..policies.base import IDENTITY_HEADERS, BuildContext, ConsumerInfo, attached, build_chain
+
         self.cfg = cfg
+        self.counters = counters
         self.number = number
+        self.tracing = cfg.tracing.propagate
+        self.latency_headers = cfg.latency_headers
         self.limits = cfg.limits
         self.groups = {u.name: UpstreamGroup(u) for u in cfg.upstreams}
+        self.consumers = {c.username: ConsumerInfo(c.username, c.id, c.plan, c.groups) for c in cfg.consumers}
+        self.directory = Directory.for_config(cfg)  # the store's keys; polled by the worker's tick
         entries = []
         self.routes: list[CompiledRoute] = []
         for _path, r, api, ver in all_routes(cfg):
@@ -185,6 +201,13 @@ class Generation:
                 group = None
             cr = CompiledRoute(r, group, mock, req_drop, req_add, resp_add, resp_remove,
                                api.name if api else None, ver.version if ver else None)
+            if state != "retired":
+                cr.chain = build_chain(attached(cfg, api, r),
+                                       BuildContext(counters, r.name, cr.api, cfg, self.consumers, self.directory))
+                cr.req_drop = cr.req_drop | cr.chain.drops
+            cr.req_drop = cr.req_drop | IDENTITY_HEADERS
+            if self.tracing:
+                cr.req_drop = cr.req_drop | {b"traceparent"}  # forwarded (or replaced) by the protocol
             self.routes.append(cr)
             base = api.base_path if api is not None else ""
             methods = tuple(r.methods)

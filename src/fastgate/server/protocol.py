@@ -15,15 +15,22 @@ import asyncio
 import collections
 import logging
 import socket
+from random import getrandbits
+from time import perf_counter, time
 
 import httptools
 
 from .._core.headers import build_request_head, find_header, scan_request
 from .._core.router import normalize_path
 from ..errors import GatewayError, NoHealthyUpstream, UpstreamTimeout
+from ..policies.base import IDENTITY_HEADERS
 from .generation import HASH_COOKIE, HASH_HEADER, IDEMPOTENT
 from .responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
 from .upstream import UpstreamProtocol, connect
+
+SAMPLE_MASK = 63  # one request in 64 has its policy hooks timed for fastgate_policy_duration_seconds
+LINGER = 5.0  # seconds a lingering close keeps reading a client's unwanted body
+UNMATCHED = "(unmatched)"  # the route label of requests no route took (404, 400 before routing)
 
 log = logging.getLogger("fastgate.protocol")
 
@@ -47,7 +54,10 @@ class Exchange:
     __slots__ = ("proto", "binding", "route", "method", "version", "keep_alive", "request_id", "headers",
                  "info", "target_path", "upgrade", "body_mode", "content_length", "head_request", "req_done",
                  "out", "sent", "sent_bytes", "body_bytes", "conn", "target", "attempt", "excluded", "responded",
-                 "started", "last", "connecting", "local", "expect", "status")
+                 "started", "last", "connecting", "local", "expect", "status", "consumer", "resp_extra",
+                 "pending", "path", "query", "up_add", "claims", "body_parts", "held", "scratch", "client_ip",
+                 "finished", "t0", "t_up", "t_head", "resp_drop", "capture", "cache_key", "trace",
+                 "upstream_bytes", "up_drop", "params", "host")
 
     def __init__(self, proto):
         self.proto = proto
@@ -80,13 +90,64 @@ class Exchange:
         self.local = None
         self.expect = False
         self.status = 0
+        self.consumer = None  # set by an authentication policy
+        self.resp_extra = b""  # header lines policies add to the response
+        self.pending = None  # a policy's awaitable the exchange waits for
+        self.path = b""  # the normalised request path (no query)
+        self.query = b""  # the raw query string, without "?"
+        self.up_add = ()  # (name, value) header pairs policies add for the upstream
+        self.claims = None  # what authentication verified (JWT claims, introspection answer)
+        self.body_parts = None  # the body, buffered while body hooks wait for all of it
+        self.held = False  # started, but waiting for the whole body before proxying
+        self.scratch = None  # per-request state a policy keeps between its hooks
+        self.client_ip = proto.client_ip  # the peer, or who a trusted proxy says the client is
+        self.finished = False
+        self.trace = None  # the traceparent sent upstream (W3C trace context)
+        self.upstream_bytes = 0  # bytes the upstream sent for this exchange (access log)
+        self.up_drop = None  # lowercase request header names policies keep from the upstream
+        self.params = ()  # the route pattern's captured {params}, in order
+        self.host = b""  # the authority routed on: Host, or an absolute-form target's (RFC 9112 3.2.2)
+        self.cache_key = None  # the proxy-cache policy's note between its request and response hooks
+        self.capture = None  # upstream.Capture when a response hook needs the body (cache, transforms)
+        self.resp_drop = None  # lowercase names of upstream response headers response hooks remove
+        self.t0 = 0.0  # perf_counter() when the head was parsed; t_up: sent upstream; t_head: its answer
+        self.t_up = -1.0
+        self.t_head = -1.0
+
+    # --- for policies -----------------------------------------------------------------------------
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of the request header `name` (lowercase bytes), or None."""
+        return find_header(self.headers, name)
+
+    def reply(self, status: int, reason: str, extra_headers: bytes = b"", **fields) -> bytes:
+        """A complete JSON error response for a policy to return: {"error": reason, ...fields}."""
+        return build_error(status, reason, self.request_id, self.proto.date, not self.keep_alive,
+                           self.resp_extra + extra_headers, **fields)
+
+    def add_upstream_header(self, name: bytes, value: bytes) -> None:
+        self.up_add = self.up_add + ((name, value),)
+
+    def drop_upstream_header(self, name: bytes) -> None:
+        """Keep the client's header `name` (any case) from the upstream, for this request only."""
+        self.up_drop = (self.up_drop or frozenset()) | {name.lower()}
+
+    def authenticated(self, consumer, claims=None, credential: bytes | None = None) -> None:
+        """An authentication policy found who this is: the upstream is told in X-Consumer-* headers."""
+        self.consumer = consumer
+        if claims is not None:
+            self.claims = claims
+        # a later authentication replaces an earlier one's identity, never adds a second copy
+        add = tuple(p for p in self.up_add if p[0].lower() not in IDENTITY_HEADERS) + consumer.headers
+        if credential is not None:
+            add += ((b"X-Credential-Identifier", credential),)
+        self.up_add = add
 
 
 class WorkerState:
     """Global state shared by every connection of a worker."""
 
     __slots__ = ("loop", "gen", "connections", "date", "rid_prefix", "rid_n", "draining", "stats", "now",
-                 "requests")
+                 "requests", "metrics", "sampled", "access_log", "usage")
 
     def __init__(self, loop, gen, date: bytes, rid_prefix: bytes):
         self.loop = loop
@@ -99,6 +160,10 @@ class WorkerState:
         self.stats = collections.Counter()
         self.now = loop.time()  # refreshed by the worker's tick: timeouts have the tick's granularity
         self.requests = 0
+        self.metrics = None  # metrics.WorkerMetrics, set by the worker
+        self.access_log = None  # accesslog.AccessLog when the config has one
+        self.usage = None  # control.analytics.UsageRecorder: the billing ledger's counts, set by the worker
+        self.sampled = 0  # requests with policies; every SAMPLE_MASK+1-th has its hooks timed
 
     def new_request_id(self) -> bytes:
         self.rid_n += 1
@@ -110,9 +175,9 @@ class GatewayProtocol(asyncio.Protocol):
         # global state
         "_state", "_loop",
         # per-connection state
-        "transport", "_parser", "_client_ip", "_scheme", "_current", "_pipeline", "_paused", "_requests",
+        "transport", "_parser", "client_ip", "_scheme", "_current", "_pipeline", "_paused", "_requests",
         "_phase", "_since", "_head_bytes", "_dead", "_tunnel", "_tunnel_buf", "_wpaused", "_wpaused_since",
-        "_closed", "_starting",
+        "_closed", "_starting", "_linger", "_eof",
         # per-request state (the request being parsed)
         "_url", "_headers", "_hbytes", "_ex",
     )
@@ -122,7 +187,7 @@ class GatewayProtocol(asyncio.Protocol):
         self._loop = state.loop
         self.transport = None
         self._parser = httptools.HttpRequestParser(self)
-        self._client_ip = b""
+        self.client_ip = b""
         self._scheme = scheme
         self._current = None
         self._pipeline = collections.deque()
@@ -132,6 +197,8 @@ class GatewayProtocol(asyncio.Protocol):
         self._since = 0.0
         self._head_bytes = 0
         self._dead = False
+        self._eof = False  # the client half-closed: close once answered
+        self._linger = 0.0  # lingering close: reading (and dropping) the client's bytes until then
         self._tunnel = None
         self._tunnel_buf = None
         self._wpaused = False
@@ -154,7 +221,7 @@ class GatewayProtocol(asyncio.Protocol):
             return
         state.connections.add(self)
         peer = transport.get_extra_info("peername")
-        self._client_ip = peer[0].encode() if peer else b"unknown"
+        self.client_ip = peer[0].encode() if peer else b"unknown"
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -170,11 +237,13 @@ class GatewayProtocol(asyncio.Protocol):
         ex = self._current
         if ex is not None:
             self._drop_upstream(ex, failed=False)
+            self._done(ex)
         if self._tunnel is not None:
             self._tunnel.close()
             self._tunnel = None
         for ex in self._pipeline:
             ex.conn = None
+            self._done(ex)
         self._pipeline.clear()
         self._current = None
         self._ex = None
@@ -194,8 +263,12 @@ class GatewayProtocol(asyncio.Protocol):
 
     def eof_received(self):
         # a client half-close: answer what was asked, then close
+        if self._linger > 0:
+            self._closed = True
+            return False  # lingering close done: the client has sent everything
         if self._current is None and not self._pipeline:
             return False
+        self._eof = True  # closed once what was asked is answered
         return True
 
     def data_received(self, data):
@@ -242,6 +315,10 @@ class GatewayProtocol(asyncio.Protocol):
             self._reject(414, "uri_too_long")
 
     def on_header(self, name, value):
+        if self._ex is not None:
+            return  # a trailer field of a chunked body: never a header (of this or the next request)
+        if b"_" in name and not self._state.gen.limits.underscores_in_headers:
+            return  # like nginx: CGI-style servers would read X_Consumer_ID as X-Consumer-ID
         headers = self._headers
         headers.append((name, value))
         self._hbytes += len(name) + len(value) + 4
@@ -257,9 +334,16 @@ class GatewayProtocol(asyncio.Protocol):
         limits = gen.limits
         parser = self._parser
         ex = Exchange(self)
+        ex.t0 = perf_counter()
         self._ex = ex
         ex.method = method = parser.get_method()
-        ex.version = 11 if parser.get_http_version() == "1.1" else 10
+        version = parser.get_http_version()
+        if version == "1.1":
+            ex.version = 11
+        elif version == "1.0":
+            ex.version = 10
+        else:  # HTTP/0.9 has no headers to route on; 2.0 and later never arrive as text
+            return self._reject(505 if version[:1] >= "2" else 400, "http_version_not_supported")
         ex.keep_alive = parser.should_keep_alive() and not state.draining
         headers = self._headers
         ex.headers = headers
@@ -290,6 +374,8 @@ class GatewayProtocol(asyncio.Protocol):
                 u = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
                 return self._reject(400, "bad_request", "invalid request target")
+            if host is None and ex.version == 11:  # RFC 9112 3.2: a 1.1 request needs Host anyway
+                return self._reject(400, "bad_request", "missing Host header")
             host = u.host + (b":%d" % u.port if u.port else b"")
             path, query = u.path or b"/", u.query or b""
         else:
@@ -298,11 +384,18 @@ class GatewayProtocol(asyncio.Protocol):
             if ex.version == 11:
                 return self._reject(400, "bad_request", "missing Host header")
             host = b""
+        ex.host = host
         npath = normalize_path(path)
         if npath is None:
+            ex.path = path
             return self._reject(400, "bad_request", "invalid path")
+        ex.path = npath
+        ex.query = query
         if info.content_length > limits.max_body_bytes > 0:
             return self._reject(413, "body_too_large")
+        if ex.version == 10 and (info.chunked or find_header(headers, b"transfer-encoding") is not None):
+            # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing
+            return self._reject(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
         if info.chunked or info.content_length < 0:
             te = find_header(headers, b"transfer-encoding")
             if te is not None and te.strip().lower() != b"chunked":
@@ -321,17 +414,46 @@ class GatewayProtocol(asyncio.Protocol):
         ex.head_request = method == b"HEAD"
         found = gen.router.match(method, host, npath)
         if found is None:
-            return self._reject(404, "no_route")
+            if ex.upgrade is not None:
+                return self._reject(404, "no_route")
+            # a well-formed request nothing routes: answered in order, the connection kept
+            ex.local = self._error_bytes(ex, 404, "no_route", not ex.keep_alive)
+            self._phase = BODY
+            self._since = state.now
+            self._url = b""
+            self._headers = []
+            self._hbytes = 0
+            self._enqueue(ex)
+            return
         binding, params = found
+        ex.params = params
         route = binding.route
         ex.binding = binding
         ex.route = route
         ex.expect = info.expect_continue
-        if route.mock is not None:
-            ex.local = self._mock(ex, route.mock)
-        else:
+        if route.mock is None:
             target = binding.upstream_path(npath, params)
             ex.target_path = target + b"?" + query if query else target
+            if gen.tracing:
+                tp = find_header(headers, b"traceparent")
+                if tp is None or not _valid_traceparent(tp):
+                    tp = b"00-%032x-%016x-01" % (getrandbits(128) | 1, getrandbits(64) | 1)
+                ex.trace = tp
+                ex.up_add = ((b"traceparent", tp),)
+        chain = route.chain
+        if chain.active:
+            if chain.body:
+                if info.content_length > chain.body_limit:
+                    return self._reject(413, "body_too_large")
+                ex.body_parts = []
+            if chain.request:
+                state.sampled += 1
+                if state.sampled & SAMPLE_MASK:
+                    self._run_chain(ex, chain.request, 0)
+                else:
+                    self._run_chain_timed(ex, chain)
+        if route.mock is not None and ex.local is None and ex.pending is None and ex.body_parts is None:
+            ex.local = self._mock(ex, route.mock)
         self._phase = BODY
         self._since = state.now
         self._url = b""  # ready for the next request on this connection (no on_message_begin hook)
@@ -351,11 +473,19 @@ class GatewayProtocol(asyncio.Protocol):
             return self._reject(413, "body_too_large")
         if ex.local is not None or ex.upgrade is not None:
             return  # a mock or refused request: the body is read and dropped
+        parts = ex.body_parts
+        if parts is not None:
+            if ex.body_bytes > ex.route.chain.body_limit:
+                return self._reject(413, "body_too_large")
+            parts.append(body)
+            if ex.route.mock is not None:
+                return
         if ex.body_mode == 2:
             ex.out += (b"%x\r\n" % n, body, b"\r\n")
         else:
             ex.out.append(body)
-        if ex.conn is None and ex.body_bytes > BUFFER_HIGH:
+        if ex.conn is None and ex.body_bytes > BUFFER_HIGH and ex.body_parts is None:
+            # (a body held for body hooks is bounded by their body_limit instead)
             self.pause_client_reading(P_BUFFER)
 
     def on_message_complete(self):
@@ -367,6 +497,25 @@ class GatewayProtocol(asyncio.Protocol):
         ex.req_done = True
         if ex.body_mode == 2 and ex.local is None:
             ex.out.append(TERMINAL_CHUNK)
+        if ex.body_parts is not None and ex.pending is None:
+            self._body_ready(ex)
+
+    def _body_ready(self, ex: Exchange) -> None:
+        """The whole body is here and the request hooks are done: run the body hooks."""
+        body = b"".join(ex.body_parts)
+        ex.body_parts = None
+        if ex.local is None:
+            for hook in ex.route.chain.body:
+                r = hook(ex, body)
+                if r is not None:
+                    ex.local = r
+                    break
+            if ex.local is None and ex.route.mock is not None:
+                ex.local = self._mock(ex, ex.route.mock)
+        if ex.held:
+            ex.held = False
+            if self._current is ex and self._starting is not ex and not self._closed:
+                self._start(ex)
 
     # --- queueing ---------------------------------------------------------------------------------
     def _enqueue(self, ex: Exchange) -> None:
@@ -377,10 +526,90 @@ class GatewayProtocol(asyncio.Protocol):
             self._pipeline.append(ex)
             self.pause_client_reading(P_PIPELINE)
 
+    # --- policies ---------------------------------------------------------------------------------
+    @property
+    def date(self) -> bytes:
+        return self._state.date
+
+    def count(self, key: bytes, n: int = 1) -> None:
+        """Bump a host-wide metric (metrics.py key format)."""
+        m = self._state.metrics
+        if m is not None:
+            m.pending[key] += n
+
+    def _run_chain(self, ex: Exchange, chain: tuple, i: int) -> None:
+        """Run request hooks from i on; stop at a response, or park the exchange on an awaitable."""
+        n = len(chain)
+        while i < n:
+            r = chain[i](ex)
+            i += 1
+            if r is None:
+                continue
+            if type(r) is bytes:
+                ex.local = r
+                return
+            fut = asyncio.ensure_future(r)
+            ex.pending = fut
+            fut.add_done_callback(lambda f, ex=ex, chain=chain, i=i: self._chain_resumed(ex, chain, i, f))
+            return
+
+    def _run_chain_timed(self, ex: Exchange, chain) -> None:
+        """_run_chain for a sampled request: each hook's own time goes to the policy histogram
+        (a hook that waits is timed up to the moment it hands back its awaitable)."""
+        hooks = chain.request
+        names = chain.request_names
+        metrics = self._state.metrics
+        route = ex.route.name
+        i, n = 0, len(hooks)
+        while i < n:
+            t = perf_counter()
+            r = hooks[i](ex)
+            if metrics is not None:
+                metrics.policy(route, names[i], perf_counter() - t)
+            i += 1
+            if r is None:
+                continue
+            if type(r) is bytes:
+                ex.local = r
+                return
+            fut = asyncio.ensure_future(r)
+            ex.pending = fut
+            fut.add_done_callback(lambda f, ex=ex, chain=hooks, i=i: self._chain_resumed(ex, chain, i, f))
+            return
+
+    def _chain_resumed(self, ex: Exchange, chain: tuple, i: int, fut) -> None:
+        ex.pending = None
+        if self._closed:
+            return
+        try:
+            r = fut.result()
+        except Exception as exc:  # a policy failed: a bug or a backend error it did not handle
+            log.error("policy failed on %s: %r", ex.route.name, exc)
+            r = self._error_bytes(ex, 500, "policy_error", not ex.keep_alive)
+        if r is not None:
+            ex.local = r
+        else:
+            self._run_chain(ex, chain, i)
+        if ex.pending is None:
+            if ex.body_parts is not None:
+                if not ex.req_done:
+                    if self._current is ex and self._starting is not ex:
+                        self._start(ex)  # sends 100 Continue if asked, then holds for the body
+                    return
+                self._body_ready(ex)  # starts the exchange if it was held
+                if ex.held or self._current is not ex:
+                    return
+            if ex.local is None and ex.route.mock is not None:
+                ex.local = self._mock(ex, ex.route.mock)
+            if self._current is ex and self._starting is not ex:
+                self._start(ex)
+
     def _start(self, ex: Exchange) -> None:
         self._current = ex
+        if ex.pending is not None:
+            return  # started when the policy it waits for is done
         if ex.local is not None:
-            self.transport.write(ex.local)
+            self.transport.write(ex.local if not ex.head_request else _head_only(ex.local))
             ex.responded = True
             if ex.expect and not ex.req_done:
                 ex.keep_alive = False  # the client was never told to send its body
@@ -388,18 +617,58 @@ class GatewayProtocol(asyncio.Protocol):
             return
         if ex.expect and not ex.req_done and ex.version == 11:
             self.transport.write(CONTINUE)
+        if ex.body_parts is not None:
+            ex.held = True  # body hooks first: started again once the body is complete
+            return
         ex.started = ex.last = self._state.now
         self._proxy(ex)
+
+    @staticmethod
+    def _done(ex: Exchange) -> None:
+        """Run the route's done hooks once per routed exchange (it finished or its client left)."""
+        if ex.finished or ex.route is None:
+            return
+        ex.finished = True
+        for hook in ex.route.chain.done:
+            try:
+                hook(ex)
+            except Exception:  # a policy's bug must not take the connection with it
+                log.exception("done hook failed on %s", ex.route.name)
 
     def _finish(self, ex: Exchange) -> None:
         """The response to `ex` is complete: next request, idle, or close."""
         self._current = None
+        metrics = self._state.metrics
+        if metrics is not None and ex.t0:
+            status = ex.status or (int(ex.local[9:12]) if ex.local else 0)
+            elapsed = perf_counter() - ex.t0
+            upstream = ex.t_head - ex.t_up if ex.t_head >= 0 else -1.0
+            metrics.request(ex.route.stats if ex.route is not None else metrics.unmatched, status, elapsed, upstream)
+            if ex.consumer is not None and self._state.usage is not None:
+                self._state.usage.record(ex.consumer, ex.route, status)
+            alog = self._state.access_log
+            if alog is not None:
+                route = ex.route
+                consumer = ex.consumer
+                alog.record((time(), ex.request_id.decode("latin-1"),
+                             ex.trace[3:35].decode() if ex.trace else None, 0, ex.client_ip.decode(),
+                             ex.method.decode("latin-1"), ex.path.decode("latin-1"),
+                             route.name if route is not None else None, route.api if route is not None else None,
+                             consumer.username if consumer is not None else None, status, ex.body_bytes,
+                             ex.upstream_bytes if ex.t_up >= 0 else None,
+                             len(ex.local) if ex.local else None, round(elapsed * 1000, 3),
+                             round(upstream * 1000, 3) if upstream >= 0 else None), status)
+        if ex.route is not None and ex.route.chain.done:
+            self._done(ex)
         state = self._state
         if self._closed:
             return
-        if not ex.keep_alive or not ex.req_done or state.draining:
+        if not ex.keep_alive or not ex.req_done or state.draining or (self._eof and not self._pipeline):
             self._pipeline.clear()
-            self._close()
+            if not ex.req_done or self._linger < 0:
+                self._linger_close()
+            else:
+                self._close()
             return
         pipeline = self._pipeline
         if self._dead and not pipeline:
@@ -418,10 +687,25 @@ class GatewayProtocol(asyncio.Protocol):
             self._closed = True
             self.transport.close()
 
+    def _linger_close(self) -> None:
+        """Answered before the client finished sending its body: shut our side, then read and drop
+        what it still sends for up to LINGER seconds (nginx's lingering close). Closing at once
+        would make the kernel answer those bytes with a reset, which can destroy the response
+        before the client has read it."""
+        t = self.transport
+        if self._closed or not t.can_write_eof():
+            self._close()
+            return
+        self._dead = True
+        self._linger = self._state.now + LINGER
+        t.write_eof()
+        self._paused = 0
+        t.resume_reading()
+
     # --- local responses --------------------------------------------------------------------------
     def _mock(self, ex: Exchange, mock) -> bytes:
         head, body = mock
-        parts = [head, self._state.date, b"X-Request-ID: ", ex.request_id, b"\r\n", ex.route.resp_add]
+        parts = [head, self._state.date, b"X-Request-ID: ", ex.request_id, b"\r\n", ex.route.resp_add, ex.resp_extra]
         if not ex.keep_alive:
             parts.append(CLOSE)
         elif ex.version == 10:
@@ -434,7 +718,8 @@ class GatewayProtocol(asyncio.Protocol):
     def _error_bytes(self, ex: Exchange | None, status: int, reason: str, close: bool) -> bytes:
         rid = ex.request_id if ex is not None and ex.request_id else self._state.new_request_id()
         self._state.stats[f"status_{status}"] += 1
-        return build_error(status, reason, rid, self._state.date, close)
+        data = build_error(status, reason, rid, self._state.date, close)
+        return data if ex is None or not ex.head_request else _head_only(data)
 
     def _reject(self, status: int, reason: str, detail: str = ""):
         """From a parser callback: answer with an error (in order) and stop reading this connection."""
@@ -445,7 +730,7 @@ class GatewayProtocol(asyncio.Protocol):
         if self._dead:
             return
         if detail:
-            log.debug("rejecting request from %s: %s (%s)", self._client_ip, reason, detail)
+            log.debug("rejecting request from %s: %s (%s)", self.client_ip, reason, detail)
         self._dead = True
         self._phase = WAIT
         ex = self._ex or Exchange(self)
@@ -461,6 +746,8 @@ class GatewayProtocol(asyncio.Protocol):
         if ex.request_id == b"":
             ex.request_id = self._state.new_request_id()
         ex.keep_alive = False
+        if status == 413 and not ex.req_done:
+            self._linger = -1.0  # the client is still sending the body we refused: close lingering
         ex.req_done = True
         ex.out = []
         ex.local = self._error_bytes(ex, status, reason, True)
@@ -485,7 +772,7 @@ class GatewayProtocol(asyncio.Protocol):
                 if k.lower() == group.hash_key:
                     return v
             return b""
-        return self._client_ip
+        return ex.client_ip  # the client real-ip found (the TCP peer otherwise)
 
     def _proxy(self, ex: Exchange) -> None:
         group = ex.route.group
@@ -529,12 +816,13 @@ class GatewayProtocol(asyncio.Protocol):
         conn.attach(ex)
         ex.conn = conn
         route = ex.route
-        host = ex.info.host if route.preserve_host and ex.info.host is not None else target.host_header
-        drop = route.req_drop
+        host = ex.host if route.preserve_host and ex.host else target.host_header
+        drop = route.req_drop if ex.up_drop is None else route.req_drop | ex.up_drop
         try:
-            head = build_request_head(ex.method, ex.target_path, ex.headers, host, self._client_ip, self._scheme,
+            head = build_request_head(ex.method, ex.target_path, ex.headers, host, self.client_ip, self._scheme,
                                       ex.request_id, drop if not ex.expect else drop | {b"expect"},
-                                      route.req_add, ex.body_mode, ex.content_length, ex.upgrade is not None)
+                                      route.req_add + ex.up_add if ex.up_add else route.req_add, ex.body_mode,
+                                      ex.content_length, ex.upgrade is not None)
         except ValueError as exc:
             conn.detach()
             target.active -= 1
@@ -544,6 +832,7 @@ class GatewayProtocol(asyncio.Protocol):
             self._fail(ex, GatewayError(str(exc), 400, "bad_request"))
             return
         ex.last = self._state.now
+        ex.t_up = perf_counter()
         out = ex.out
         if out:
             ex.out = []
@@ -611,7 +900,7 @@ class GatewayProtocol(asyncio.Protocol):
         ex.local = self._error_bytes(ex, exc.status, exc.reason, not (ex.keep_alive and ex.req_done))
         if not ex.req_done:
             ex.keep_alive = False
-        self.transport.write(ex.local)
+        self.transport.write(ex.local if not ex.head_request else _head_only(ex.local))
         ex.responded = True
         self._finish(ex)
 
@@ -629,13 +918,19 @@ class GatewayProtocol(asyncio.Protocol):
     def response_head(self, ex: Exchange, conn, rh) -> bytes:
         """The head to send the client (the caller writes it, with the first body bytes)."""
         ex.status = rh.status
+        ex.t_head = perf_counter()
         route = ex.route
+        for hook in route.chain.response:
+            hook(ex, rh)
         head = rh.head
-        if route.resp_remove:
-            head = _remove_headers(head, route.resp_remove)
+        if route.resp_remove or ex.resp_drop:
+            head = _remove_headers(head, route.resp_remove | ex.resp_drop if ex.resp_drop else route.resp_remove)
         parts = [head]
         mode = rh.body_mode
-        if mode == 1 or (mode == 0 and rh.content_length >= 0):
+        held = ex.capture is not None and not ex.capture.tee
+        if held:
+            pass  # framing is decided when the whole (transformed) body is known: response_done
+        elif mode == 1 or (mode == 0 and rh.content_length >= 0):
             parts.append(b"Content-Length: %d\r\n" % rh.content_length)
         elif mode == 2:
             if ex.version == 11:
@@ -650,11 +945,20 @@ class GatewayProtocol(asyncio.Protocol):
             parts.append(CLOSE)
         elif ex.version == 10:
             parts.append(KEEP_ALIVE)
-        parts += (b"X-Request-ID: ", ex.request_id, b"\r\n", route.resp_add, b"\r\n")
+        if self._state.gen.latency_headers:
+            now = perf_counter()
+            parts.append(b"X-Upstream-Latency: %d\r\nX-Gateway-Latency: %d\r\n"
+                         % (int((now - ex.t_up) * 1000), int((ex.t_up - ex.t0) * 1000)))
+        parts += (b"X-Request-ID: ", ex.request_id, b"\r\n", route.resp_add, ex.resp_extra)
+        if held:
+            return b"".join(parts)  # not sent yet: response_done adds the framing and the body
+        parts.append(b"\r\n")
         ex.responded = True
         return b"".join(parts)
 
     def response_done(self, ex: Exchange, conn, reusable: bool) -> None:
+        if ex.capture is not None:
+            self._captured(ex)
         target = ex.target
         ex.conn = None
         ex.target = None
@@ -674,6 +978,43 @@ class GatewayProtocol(asyncio.Protocol):
         state.requests += 1
         if self._current is ex:
             self._finish(ex)
+
+    def _captured(self, ex: Exchange) -> None:
+        """The whole response went through a Capture: send a held one (transformed), or hand a
+        tee'd copy to the policies that wanted it."""
+        cap = ex.capture
+        hooks = ex.route.chain.response_end
+        if cap.tee:
+            if not cap.over:
+                body = bytes(cap.body)
+                for hook in hooks:
+                    hook(ex, body)
+            return
+        if cap.over:
+            ex.responded = False
+            ex.local = self._error_bytes(ex, 502, "response_too_large", True)
+            ex.keep_alive = False
+            self.transport.write(ex.local)
+            ex.responded = True
+            return
+        body = bytes(cap.body)
+        try:
+            for hook in hooks:
+                r = hook(ex, body)
+                if r is not None:
+                    body = r
+        except Exception:  # a transform failed on this body: never send it half-done
+            log.exception("response transform failed on %s", ex.route.name)
+            self.transport.write(self._error_bytes(ex, 502, "response_transform_failed", True))
+            ex.keep_alive = False
+            ex.responded = True
+            return
+        n = len(body)
+        if ex.head_request or ex.status in (204, 304) or 100 <= ex.status < 200:
+            self.transport.write(cap.head + b"\r\n")
+        else:
+            self.transport.writelines((cap.head, b"Content-Length: %d\r\n\r\n" % n, body))
+        ex.responded = True
 
     def upstream_failed(self, ex: Exchange, conn, exc: GatewayError) -> None:
         target = ex.target
@@ -722,6 +1063,8 @@ class GatewayProtocol(asyncio.Protocol):
 
     # --- flow control -----------------------------------------------------------------------------
     def pause_client_reading(self, reason: int) -> None:
+        if self._linger > 0:
+            return  # a lingering close reads (and drops) everything until it closes
         if not self._paused and self.transport is not None and not self._closed:
             self.transport.pause_reading()
         self._paused |= reason
@@ -735,6 +1078,10 @@ class GatewayProtocol(asyncio.Protocol):
 
     # --- timeouts (called by the worker tick) -----------------------------------------------------
     def check(self, now: float) -> None:
+        if self._linger > 0:
+            if now > self._linger:
+                self._close()
+            return
         limits = self._state.gen.limits
         phase = self._phase
         if phase == IDLE and self._current is None:
@@ -790,6 +1137,29 @@ class GatewayProtocol(asyncio.Protocol):
             self._abort_client()
         if self._tunnel is not None:
             self._tunnel.abort()
+
+
+def _head_only(response: bytes) -> bytes:
+    """A local response to a HEAD request: the head, Content-Length kept, no body (RFC 9110 9.3.2) —
+    a body here would be read as the start of the next response on a kept-alive connection."""
+    end = response.find(b"\r\n\r\n")
+    return response if end < 0 else response[:end + 4]
+
+
+def _valid_traceparent(tp: bytes) -> bool:
+    """W3C trace context, version 00: 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>, ids not
+    all zero (a later version may carry more after the first 55 bytes)."""
+    if len(tp) < 55 or tp[2:3] != b"-" or tp[35:36] != b"-" or tp[52:53] != b"-":
+        return False
+    version = tp[:2]
+    if version == b"ff" or (version == b"00" and len(tp) != 55) or (len(tp) > 55 and tp[55:56] != b"-"):
+        return False
+    try:
+        int(tp[:2], 16), int(tp[53:55], 16)
+        trace, parent = int(tp[3:35], 16), int(tp[36:52], 16)
+    except ValueError:
+        return False
+    return trace != 0 and parent != 0 and tp[:55] == tp[:55].lower() and b" " not in tp and b"+" not in tp
 
 
 def _remove_headers(head: bytes, names: frozenset) -> bytes:

@@ -80,7 +80,7 @@ class Target:
 
 class UpstreamProtocol(asyncio.Protocol):
     __slots__ = ("target", "transport", "ex", "buf", "mode", "remaining", "scanner", "decode", "requests",
-                 "idle_since", "closed", "got_bytes", "tunnel", "keep_alive", "lost_waiter")
+                 "idle_since", "closed", "got_bytes", "tunnel", "keep_alive", "lost_waiter", "sink")
 
     def __init__(self, target: Target):
         self.target = target
@@ -97,6 +97,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.got_bytes = False
         self.tunnel = False
         self.keep_alive = True
+        self.sink = None  # where the response goes: the client's transport, or a Capture
 
     # --- asyncio hooks ----------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -137,6 +138,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        ex.upstream_bytes += len(data)
         ex.last = ex.proto._state.now
         if self.tunnel:
             ex.proto.transport.write(data)
@@ -181,15 +183,22 @@ class UpstreamProtocol(asyncio.Protocol):
             ex.proto.start_tunnel(ex, rh, data[rh.end:])
             return
         self.mode = mode
+        head = ex.proto.response_head(ex, self, rh)
+        cap = ex.capture
+        if cap is None:
+            self.sink = ex.proto.transport
+        else:
+            cap.start(ex.proto.transport, head)
+            self.sink = cap
         if mode == HEAD_LENGTH:
             self.remaining = rh.content_length
         elif mode == HEAD_CHUNKED:
-            self.decode = ex.version == 10
+            # HTTP/1.0 clients and held-back responses get the body de-chunked
+            self.decode = ex.version == 10 or (cap is not None and not cap.tee)
             self.scanner = ChunkedScanner(self.decode)
-        head = ex.proto.response_head(ex, self, rh)
         end = rh.end
         if mode == HEAD_NONE or (mode == HEAD_LENGTH and self.remaining == 0):
-            ex.proto.transport.write(head)
+            self.sink.write(head)
             if end < len(data):
                 self.keep_alive = False  # bytes after a body-less response: poisoned
             ex.proto.response_done(ex, self, self.keep_alive)
@@ -197,19 +206,20 @@ class UpstreamProtocol(asyncio.Protocol):
         if end < len(data):
             self._body(ex, data, end, head)  # head and the first body bytes in one writev
         else:
-            ex.proto.transport.write(head)
+            self.sink.write(head)
 
     def _body(self, ex, data, start: int, head=None) -> None:
         mode = self.mode
         proto = ex.proto
+        sink = self.sink
         if mode == HEAD_LENGTH:
             n = len(data) - start
             rem = self.remaining
             if n < rem:
                 self.remaining = rem - n
-                _send(proto.transport, head, data if start == 0 else data[start:])
+                _send(sink, head, data if start == 0 else data[start:])
                 return
-            _send(proto.transport, head, data[start:start + rem] if start or n > rem else data)
+            _send(sink, head, data[start:start + rem] if start or n > rem else data)
             if n > rem:
                 self.keep_alive = False  # extra bytes after the body: never reuse
             self.remaining = 0
@@ -220,21 +230,21 @@ class UpstreamProtocol(asyncio.Protocol):
             except ValueError:
                 self.keep_alive = False
                 if head is not None:
-                    proto.transport.write(head)
+                    sink.write(head)
                 proto.abort_response(ex, self, UpstreamProtocolError("bad chunked framing from upstream"))
                 return
             if self.decode:
-                _send(proto.transport, head, self.scanner.take())
+                _send(sink, head, self.scanner.take())
             elif end < 0:
-                _send(proto.transport, head, data if start == 0 else data[start:])
+                _send(sink, head, data if start == 0 else data[start:])
             else:
-                _send(proto.transport, head, data[start:end])
+                _send(sink, head, data[start:end])
             if end >= 0:
                 if end < len(data):
                     self.keep_alive = False
                 proto.response_done(ex, self, self.keep_alive)
         else:  # HEAD_CLOSE: until the upstream closes
-            _send(proto.transport, head, data if start == 0 else data[start:])
+            _send(sink, head, data if start == 0 else data[start:])
 
 
     # --- exchange management ----------------------------------------------------------------------
@@ -273,6 +283,47 @@ async def connect(loop, target: Target, timeout: float) -> UpstreamProtocol:
     except OSError as exc:
         raise UpstreamConnectError(f"connect to {target.address}: {exc.strerror or exc}") from None
     return proto
+
+
+class Capture:
+    """Where a response goes when policies need its body (ex.capture, set by a response hook).
+
+    tee=True   written through to the client as usual, and a copy of the body kept up to `cap`
+               bytes (a cache stores it); past the cap the copy is dropped (`over`).
+    tee=False  held back whole (a body transform rewrites it); the head written here is the one
+               response_head built without framing. Past `cap` the response is `over`: the
+               gateway answers 502 instead of sending a truncated or untransformed body.
+    """
+
+    __slots__ = ("tee", "cap", "transport", "head", "body", "over")
+
+    def __init__(self, tee: bool, cap: int):
+        self.tee = tee
+        self.cap = cap
+        self.transport = None
+        self.head = b""
+        self.body = bytearray()
+        self.over = False
+
+    def start(self, transport, head: bytes) -> None:
+        self.transport = transport
+        self.head = head
+
+    def write(self, data) -> None:
+        if self.tee:
+            self.transport.write(data)
+        if data is self.head and not self.body:
+            return  # the head: the client has it (tee) or response_done builds it (held)
+        if not self.over:
+            if len(self.body) + len(data) > self.cap:
+                self.over = True
+                self.body = bytearray()
+            else:
+                self.body += data
+
+    def writelines(self, parts) -> None:
+        for p in parts:
+            self.write(p)
 
 
 def _send(transport, head, body) -> None:

@@ -10,8 +10,17 @@ import time
 
 import uvloop
 
+from .._core.shm import SharedTable
+from ..accesslog import AccessLog
 from ..config.schema import Config
+from ..config.schema import RedisCounters as RedisCfg
+from ..control.analytics import UsageRecorder
+from ..counters.local import Counters, LocalCounters
+from ..counters.redis import RedisCounters
+from ..metrics import HostMetrics, WorkerMetrics
+from ..metrics import render as render_metrics
 from .generation import Generation
+from .metrics_http import MetricsProtocol
 from .protocol import GatewayProtocol, WorkerState
 from .responses import date_line
 
@@ -28,8 +37,12 @@ def ssl_context(tls) -> ssl.SSLContext:
 
 class Worker:
     def __init__(self, cfg: Config, sockets, ready_fd: int | None = None, number: int = 1,
-                 install_signals: bool = True):
+                 install_signals: bool = True, table=None, metrics_table=None):
         self.cfg = cfg
+        self.table = table  # the supervisor's shared-memory counters table (None: make one here)
+        self.host_metrics = metrics_table if metrics_table is not None else HostMetrics(cfg)
+        self._redis_seen = (0, 0, 0)
+        self.redis = None
         self.install_signals = install_signals
         self.sockets = sockets  # [(socket, Listener)]
         self.ready_fd = ready_fd
@@ -40,13 +53,25 @@ class Worker:
         self._stopping = None
         self._tick_handle = None
         self._last_date = 0
+        self._down: set[bytes] = set()  # health keys this worker added (_publish_health)
 
     async def serve(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
-        gen = Generation(self.cfg, self.number)
+        counters = await self._counters()
+        gen = Generation(self.cfg, self.number, counters)
         gen.start(loop)
         self.state = state = WorkerState(loop, gen, date_line(), os.urandom(8).hex().encode())
+        state.metrics = WorkerMetrics(self.host_metrics)
+        state.usage = UsageRecorder.for_config(self.cfg)
+        al = self.cfg.access_log
+        if al is not None:
+            state.access_log = AccessLog(al, 1.0) if isinstance(al, str) else AccessLog(al.path, al.sample)
         for sock, listener in self.sockets:
+            if listener.kind == "metrics":
+                server = await loop.create_server(lambda: MetricsProtocol(self.render_metrics), sock=sock,
+                                                  backlog=listener.backlog)
+                self.servers.append(server)
+                continue
             ctx = ssl_context(listener.tls) if listener.tls is not None else None
             scheme = b"https" if ctx is not None else b"http"
             server = await loop.create_server(lambda s=scheme: GatewayProtocol(state, s), sock=sock, ssl=ctx,
@@ -54,28 +79,103 @@ class Worker:
             self.servers.append(server)
         self._stopping = loop.create_future()
         if self.install_signals:
-            from ..supervisor import reopen_logs
 
             loop.add_signal_handler(signal.SIGTERM, self.drain)
             loop.add_signal_handler(signal.SIGINT, self.drain)
-            loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
+            loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         self._tick()
         if self.ready_fd is not None:
             os.write(self.ready_fd, b"R")
             os.close(self.ready_fd)
             self.ready_fd = None
         await self._stopping
+        self._publish_health(None)  # this worker's view of the targets leaves the shared table
+        self._flush_metrics()
+        if state.usage is not None:  # drained: what this worker counted reaches the ledger before it exits
+            state.usage.close()
+        if state.access_log is not None:
+            state.access_log.close()
+        if self.redis is not None:  # resolve pending calls, stop the reconnect task
+            await self.redis.close()
+
+    async def _counters(self):
+        """Local counters over the shared table, plus the Redis backend when configured."""
+        cc = self.cfg.counters
+        if self.table is None:
+            self.table = SharedTable(cc.capacity)
+        local = LocalCounters(self.table)
+        if cc.redis is not None or cc.backend == "redis":
+            rc = cc.redis or RedisCfg()
+            self.redis = RedisCounters(url=rc.url, mode=rc.mode, lease_size=rc.lease_size, timeout=rc.timeout,
+                                       on_failure=rc.on_failure, key_prefix=rc.key_prefix, fallback=local,
+                                       workers=self.cfg.workers if isinstance(self.cfg.workers, int) else 1)
+            await self.redis.start()
+        return Counters(local, self.redis, cc.backend)
+
+    def render_metrics(self) -> bytes:
+        self._flush_metrics()
+        gauges = {}
+        table = self.table
+        if table is not None:
+            gauges["fastgate_counters_table_slots_used"] = [({}, table.used)]
+            gauges["fastgate_counters_table_slots"] = [({}, table.capacity)]
+            gauges["table_full"] = [({}, table.full_events)]
+        if self.redis is not None:
+            r = self.redis
+            gauges["fastgate_counters_redis_up"] = [({"worker": os.getpid()}, 1 if r.state == "up" else 0)]
+            gauges["fastgate_counters_redis_lease_max_overshoot"] = [({}, getattr(r, "max_overshoot", 0))]
+        return render_metrics(self.host_metrics, self.state.gen.cfg, gauges)
+
+    def reopen_logs(self) -> None:
+        from ..supervisor import reopen_logs
+
+        reopen_logs()
+        if self.state.access_log is not None:
+            self.state.access_log.flush()
+            self.state.access_log.reopen()
+
+    def _flush_metrics(self) -> None:
+        m = self.state.metrics
+        if m is None:
+            return
+        r = self.redis
+        if r is not None:  # the Redis client's own counters, as deltas into the host's table
+            now = (r.errors, r.fallbacks, r.reconnects)
+            for name, new, old in zip((b"redis|errors", b"redis|fallbacks", b"redis|reconnects"), now,
+                                      self._redis_seen, strict=True):
+                if new > old:
+                    m.inc(name, new - old)
+            self._redis_seen = now
+        m.flush()
+
+    def _publish_health(self, now: float | None) -> None:
+        """Targets this worker sees unavailable, as b"hl|<upstream>|<address>" += 1 (-1 when back,
+        or `now` None: exiting) in the host's table, for the admin API's analytics."""
+        down = set() if now is None else {b"hl|%s|%s" % (g.name.encode(), t.address.encode())
+                                          for g in self.state.gen.groups.values() for t in g.targets
+                                          if not t.health.available(now)}
+        for key in down ^ self._down:
+            self.state.metrics.inc(key, 1 if key in down else -1)
+        self._down = down
 
     def _tick(self) -> None:
         state = self.state
+        self._flush_metrics()
+        if state.access_log is not None:
+            state.access_log.flush()
         state.now = now = self.loop.time()
         wall = int(time.time())
+        if state.usage is not None:
+            state.usage.tick(now, wall)
+        self._publish_health(now)
         if wall != self._last_date:
             self._last_date = wall
             state.date = date_line(wall)
         for conn in list(state.connections):
             conn.check(now)
         state.gen.sweep(now)
+        if state.gen.directory is not None:
+            state.gen.directory.poll(now)
         self._tick_handle = self.loop.call_later(state.gen.tick, self._tick)
 
     def drain(self) -> None:
@@ -107,12 +207,13 @@ class Worker:
             self._stopping.set_result(None)
 
 
-def run_worker(cfg: Config, sockets, ready_fd: int | None = None, number: int = 1, use_uvloop: bool = True) -> int:
+def run_worker(cfg: Config, sockets, ready_fd: int | None = None, number: int = 1, use_uvloop: bool = True,
+               table=None, metrics_table=None) -> int:
     """Entry point of a forked worker (or of `fastgate run` in the foreground)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTTIN, signal.SIG_IGN)
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    worker = Worker(cfg, sockets, ready_fd, number)
+    worker = Worker(cfg, sockets, ready_fd, number, table=table, metrics_table=metrics_table)
     if use_uvloop:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(worker.serve())

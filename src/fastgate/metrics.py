@@ -1,0 +1,258 @@
+"""Metrics shared by every worker of a host, and their Prometheus exposition.
+
+The hot path only bumps per-worker list slots (`RouteStats`) and a dict (`WorkerMetrics.inc`);
+each worker adds its deltas into shared memory the supervisor mapped before forking (HostMetrics)
+once per tick, so a scrape of any worker sees the whole host, and the counts outlive reloads and
+worker restarts.
+
+- Per-route series (requests by status class, both latency histograms) live in a dense
+  SharedArray: the supervisor numbers routes by name (new names get new numbers at a reload), so
+  a route costs RECORD counters of 8 bytes — 10,000 routes take 2.6 MB, whatever the traffic.
+- Everything else (rate-limit decisions, policy timings, supervisor and Redis events) lives in a
+  SharedTable keyed by b"<family>|<label values joined by |>"; histograms keep one key per bucket
+  plus `|sum_us` and `|count`.
+Series are named by config objects, so the exposition enumerates them from the config.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import os
+
+from ._core.shm import SharedArray, SharedTable
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKETS_FINE = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)  # policy hooks: µs
+CLASSES = (b"1xx", b"2xx", b"3xx", b"4xx", b"5xx")
+_CLASS = {i: CLASSES[i - 1] for i in range(1, 6)}
+
+
+NB = len(BUCKETS) + 1  # histogram slots: one per bucket, then +Inf
+# a route's record in the SharedArray: 6 status classes (index = status // 100, 0 = other),
+# then for each histogram (gateway, upstream) NB buckets, a sum in µs and a count
+RECORD = 6 + 2 * (NB + 2)
+
+
+def _route_names(cfg) -> list[str]:
+    from .config.load import all_routes
+
+    return [r.name for _p, r, _a, _v in all_routes(cfg)] + ["(unmatched)"]
+
+
+class HostMetrics:
+    """The host's shared metrics, made by the supervisor before forking (or by a lone worker)."""
+
+    def __init__(self, cfg, table_slots: int = 16384):
+        names = _route_names(cfg)
+        self.records = max(1024, 2 * len(names))  # room for routes a reload adds
+        self.array = SharedArray(self.records * RECORD)
+        self.table = SharedTable(max(table_slots, 8 * len(names)))
+        self.index: dict[str, int] = {}
+        self.register(cfg)
+
+    def register(self, cfg) -> list[str]:
+        """Number the config's routes (kept across reloads); returns names left without a record."""
+        full = []
+        for name in _route_names(cfg):
+            if name not in self.index:
+                if len(self.index) >= self.records:
+                    full.append(name)
+                    continue
+                self.index[name] = len(self.index)
+        return full
+
+
+class RouteStats:
+    """One route's counts in this worker since the last flush: plain list slots, so recording a
+    request is a few C-level operations (the hot path); `flush` turns them into table keys."""
+
+    __slots__ = ("name", "classes", "lat", "lat_sum", "ulat", "ulat_sum", "dirty")
+
+    def __init__(self, route: str):
+        self.name = route
+        self.classes = [0] * 6
+        self.lat = [0] * (len(BUCKETS) + 1)
+        self.ulat = [0] * (len(BUCKETS) + 1)
+        self.lat_sum = 0.0
+        self.ulat_sum = 0.0
+        self.dirty = False
+
+    def flush(self, add, base: int) -> None:
+        """Add the counts into the route's record, which starts at `base` in the SharedArray."""
+        for i, n in enumerate(self.classes):
+            if n:
+                add(base + i, n)
+        at = base + 6
+        for counts, total in ((self.lat, self.lat_sum), (self.ulat, self.ulat_sum)):
+            count = 0
+            for i, n in enumerate(counts):
+                if n:
+                    count += n
+                    add(at + i, n)
+            if count:
+                add(at + NB, int(total * 1e6))
+                add(at + NB + 1, count)
+            at += NB + 2
+        self.classes = [0] * 6
+        self.lat = [0] * (len(BUCKETS) + 1)
+        self.ulat = [0] * (len(BUCKETS) + 1)
+        self.lat_sum = self.ulat_sum = 0.0
+        self.dirty = False
+
+
+class WorkerMetrics:
+    """A worker's not-yet-shared counts. `flush` (each tick) adds them to the host's table."""
+
+    __slots__ = ("host", "table", "pending", "dirty", "unmatched", "lost")
+
+    def __init__(self, host: HostMetrics | None):
+        self.host = host
+        self.table = host.table if host is not None else None
+        self.lost = 0  # requests of routes that got no record (more new routes than room)
+        self.pending = collections.Counter()
+        self.dirty: list[RouteStats] = []  # RouteStats touched since the last flush
+        self.unmatched = RouteStats("(unmatched)")
+
+    def inc(self, key: bytes, n: int = 1) -> None:
+        self.pending[key] += n
+
+    def request(self, rs: RouteStats, status: int, seconds: float, upstream_seconds: float = -1.0) -> None:
+        """Record one answered request (the hot path: keep it to list increments)."""
+        rs.classes[status // 100 if 100 <= status < 600 else 0] += 1
+        rs.lat[bisect.bisect_left(BUCKETS, seconds)] += 1
+        rs.lat_sum += seconds
+        if upstream_seconds >= 0:
+            rs.ulat[bisect.bisect_left(BUCKETS, upstream_seconds)] += 1
+            rs.ulat_sum += upstream_seconds
+        if not rs.dirty:
+            rs.dirty = True
+            self.dirty.append(rs)
+
+    def policy(self, route: str, name: str, seconds: float) -> None:
+        _observe(self.pending, b"pol|%s|%s" % (route.encode(), name.encode()), seconds, BUCKETS_FINE)
+
+    def flush(self) -> None:
+        if self.host is None:
+            return
+        add = self.table.add
+        arr_add = self.host.array.add
+        index = self.host.index
+        for rs in self.dirty:
+            i = index.get(rs.name)
+            if i is None:
+                self.lost += sum(rs.classes)
+                rs.classes = [0] * 6
+                rs.dirty = False
+                continue
+            rs.flush(arr_add, i * RECORD)
+        self.dirty.clear()
+        for key, n in self.pending.items():
+            add(key, n)
+        self.pending.clear()
+
+
+def _observe(p, prefix: bytes, seconds: float, buckets=BUCKETS) -> None:
+    i = bisect.bisect_left(buckets, seconds)
+    if i < len(buckets):
+        p[prefix + b"|b%d" % i] += 1
+    p[prefix + b"|count"] += 1
+    p[prefix + b"|sum_us"] += int(seconds * 1e6)
+
+
+def policy_labels(cfg, route, api) -> list[str]:
+    """The labels policies/base.py gives the policies attached to `route` (for the exposition)."""
+    from .policies.base import attached
+
+    return [f"{p.__struct_config__.tag}@{owner}" for owner, p in attached(cfg, api, route)]
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(host: HostMetrics, cfg, gauges: dict[str, list[tuple[dict, float]]] | None = None) -> bytes:
+    """The Prometheus text exposition (format 0.0.4) of the host's metrics."""
+    from .config.load import all_routes
+
+    get = host.table.get
+    aget = host.array.get
+    out: list[str] = []
+    routes = [(name, host.index[name] * RECORD) for name in _route_names(cfg) if name in host.index]
+
+    out.append("# HELP fastgate_requests_total Requests answered, by route and status class.")
+    out.append("# TYPE fastgate_requests_total counter")
+    for name, base in routes:
+        for i, cls in enumerate(CLASSES, start=1):
+            v = aget(base + i)
+            if v:
+                out.append(f'fastgate_requests_total{{route="{_esc(name)}",status="{cls.decode()}"}} {v}')
+
+    for h, (fam, what) in enumerate((("fastgate_request_duration_seconds", "at the gateway, head in to response out"),
+                                      ("fastgate_upstream_duration_seconds", "from sending upstream to its answer"))):
+        out.append(f"# HELP {fam} Latency {what}, by route.")
+        out.append(f"# TYPE {fam} histogram")
+        for name, base in routes:
+            at = base + 6 + h * (NB + 2)
+            count = aget(at + NB + 1)
+            if not count:
+                continue
+            label = f'route="{_esc(name)}"'
+            acc = 0
+            for i, le in enumerate(BUCKETS):
+                acc += aget(at + i)
+                out.append(f'{fam}_bucket{{{label},le="{le}"}} {acc}')
+            out.append(f'{fam}_bucket{{{label},le="+Inf"}} {count}')
+            out.append(f"{fam}_sum{{{label}}} {aget(at + NB) / 1e6}")
+            out.append(f"{fam}_count{{{label}}} {count}")
+
+    fam = "fastgate_policy_duration_seconds"
+    out.append(f"# HELP {fam} Time in each policy's request hook (sampled: one request in 64), by route.")
+    out.append(f"# TYPE {fam} histogram")
+    for _p, r, _a, _v in all_routes(cfg):
+        for label in policy_labels(cfg, r, _a):
+            prefix = b"pol|%s|%s" % (r.name.encode(), label.encode())
+            count = get(prefix + b"|count")
+            if not count:
+                continue
+            lab = f'route="{_esc(r.name)}",policy="{_esc(label)}"'
+            acc = 0
+            for i, le in enumerate(BUCKETS_FINE):
+                acc += get(prefix + b"|b%d" % i)
+                out.append(f'{fam}_bucket{{{lab},le="{le}"}} {acc}')
+            out.append(f'{fam}_bucket{{{lab},le="+Inf"}} {count}')
+            out.append(f"{fam}_sum{{{lab}}} {get(prefix + b'|sum_us') / 1e6}")
+            out.append(f"{fam}_count{{{lab}}} {count}")
+
+    out.append("# HELP fastgate_ratelimit_decisions_total Rate-limit decisions, by route and result.")
+    out.append("# TYPE fastgate_ratelimit_decisions_total counter")
+    for name, _base in routes:
+        for result in ("allowed", "limited", "unavailable"):
+            v = get(b"rl|%s|%s" % (name.encode(), result.encode()))
+            if v:
+                out.append(f'fastgate_ratelimit_decisions_total{{route="{_esc(name)}",result="{result}"}} {v}')
+
+    for fam, key, help_ in (
+        ("fastgate_worker_restarts_total", b"sup|restarts", "Workers that died and were replaced."),
+        ("fastgate_reloads_total", b"sup|reloads", "Configs loaded by SIGHUP / fastgate reload."),
+        ("fastgate_reload_failures_total", b"sup|reload_failures", "Reloads refused (invalid config)."),
+        ("fastgate_counters_redis_errors_total", b"redis|errors", "Redis counter calls that failed or timed out."),
+        ("fastgate_counters_redis_fallbacks_total", b"redis|fallbacks",
+         "Decisions made on local counters because Redis was down (fail_open)."),
+        ("fastgate_counters_redis_reconnects_total", b"redis|reconnects", "Reconnections to Redis."),
+        ("fastgate_counters_table_full_total", None, "Counter inserts that evicted a live key: raise counters.capacity."),
+    ):
+        out.append(f"# HELP {fam} {help_}")
+        out.append(f"# TYPE {fam} counter")
+        if key is not None:
+            out.append(f"{fam} {get(key)}")
+        elif gauges and "table_full" in gauges:
+            out.append(f"{fam} {gauges['table_full'][0][1]:g}")
+    for fam, series in (gauges or {}).items():
+        if fam == "table_full":
+            continue
+        out.append(f"# TYPE {fam} gauge")
+        for labels, value in series:
+            lab = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items())
+            out.append(f"{fam}{{{lab}}} {value:g}" if lab else f"{fam} {value:g}")
+    out.append(f"# serving worker pid {os.getpid()}")
+    return ("\n".join(out) + "\n").encode()

@@ -1,0 +1,113 @@
+"""Rate limiting: token bucket (GCRA) or sliding window, per IP, route, API, consumer or header.
+
+Every decision adds the IETF fields (draft-ietf-httpapi-ratelimit-headers) and the familiar ones:
+  RateLimit-Policy: "<name>";q=<quota>;w=<window s>     RateLimit: "<name>";r=<remaining>;t=<reset s>
+  X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset
+A refusal is a 429 with `Retry-After` in whole seconds (rounded up). When the counters backend is
+down in fail_closed mode the answer is 503 `counters_unavailable` (never 401 or 429).
+"""
+from __future__ import annotations
+
+import math
+
+from .._core.headers import find_header
+from ..config.schema import RateLimit
+from ..errors import CounterBackendError
+from ..server.responses import build_error
+from .base import register
+
+
+def policy_field(name: str, quota: int, window_s: float) -> bytes:
+    """`RateLimit-Policy: "<name>";q=<quota>;w=<window in whole seconds, at least 1>` (one line)."""
+    return f'RateLimit-Policy: "{name}";q={quota};w={max(1, math.ceil(window_s))}\r\n'.encode()
+
+
+def state_field(name: str, remaining: int, reset_s: int) -> bytes:
+    """`RateLimit: "<name>";r=<remaining>;t=<reset s>` (one line)."""
+    return b'RateLimit: "%s";r=%d;t=%d\r\n' % (name.encode(), remaining, reset_s)
+
+
+def x_fields(limit: int, remaining: int, reset_s: int, suffix: bytes = b"") -> bytes:
+    """`X-RateLimit-Limit/-Remaining/-Reset` (with `suffix`, e.g. b"-Day": X-RateLimit-Limit-Day...)."""
+    return (b"X-RateLimit-Limit%s: %d\r\nX-RateLimit-Remaining%s: %d\r\nX-RateLimit-Reset%s: %d\r\n"
+            % (suffix, limit, suffix, remaining, suffix, reset_s))
+
+
+@register(RateLimit)
+class RateLimitPolicy:
+    phase = "limits"
+    __slots__ = ("counters", "rate", "per", "burst", "sliding", "key_kind", "header", "prefix", "policy_line",
+                 "window", "name", "metric_allowed", "metric_limited", "metric_unavailable")
+
+    def __init__(self, cfg: RateLimit, ctx):
+        backend = cfg.backend
+        self.counters = ctx.counters.backend(backend)
+        self.rate = cfg.rate
+        self.per = cfg.per
+        self.burst = cfg.burst or max(1, int(cfg.rate))
+        self.sliding = cfg.algorithm == "sliding_window"
+        self.key_kind = cfg.key
+        self.header = (cfg.header or "").lower().encode()
+        # whose bucket: per route / per API for those keys, else per attached policy instance
+        # (a global limit by IP counts one bucket per IP across every route)
+        if cfg.key == "route":
+            scope = f"{ctx.owner}|route:{ctx.route}"
+        elif cfg.key == "api":
+            scope = f"{ctx.owner}|api:{ctx.api}" if ctx.api else f"{ctx.owner}|route:{ctx.route}"
+        else:
+            scope = ctx.owner
+        self.prefix = f"rl:{scope}:{cfg.key}:".encode()
+        # the window over which `burst` requests are allowed from a full bucket
+        self.window = self.per if self.sliding else self.burst * self.per / self.rate
+        self.name = cfg.key
+        r = ctx.route.encode()
+        self.metric_allowed, self.metric_limited, self.metric_unavailable = (
+            b"rl|%s|allowed" % r, b"rl|%s|limited" % r, b"rl|%s|unavailable" % r)
+        quota = int(self.rate) if self.sliding else self.burst
+        self.policy_line = policy_field(self.name, quota, self.window)
+
+    def _key(self, ex) -> bytes:
+        kind = self.key_kind
+        if kind == "ip" or (kind == "consumer" and ex.consumer is None):
+            return self.prefix + ex.client_ip
+        if kind == "consumer":
+            return self.prefix + ex.consumer.username.encode()
+        if kind == "header":
+            return self.prefix + (find_header(ex.headers, self.header) or b"")
+        return self.prefix
+
+    def request(self, ex):
+        key = self._key(ex)
+        try:
+            if self.sliding:
+                r = self.counters.sliding_window(key, int(self.rate), self.per)
+            else:
+                r = self.counters.gcra(key, self.rate, self.per, self.burst)
+        except CounterBackendError:
+            return self._unavailable(ex)
+        if type(r) is tuple:
+            return self._decide(ex, r)
+        return self._later(ex, r)
+
+    async def _later(self, ex, awaitable):
+        try:
+            r = await awaitable
+        except CounterBackendError:
+            return self._unavailable(ex)
+        return self._decide(ex, r)
+
+    def _decide(self, ex, r):
+        allowed, remaining, retry_after, reset = r
+        ex.proto.count(self.metric_allowed if allowed else self.metric_limited)
+        quota = int(self.rate) if self.sliding else self.burst
+        reset_s = max(0, math.ceil(reset))
+        lines = self.policy_line + state_field(self.name, remaining, reset_s) + x_fields(quota, remaining, reset_s)
+        if allowed:
+            ex.resp_extra += lines
+            return None
+        lines += b"Retry-After: %d\r\n" % max(1, math.ceil(retry_after))
+        return ex.reply(429, "rate_limited", lines)
+
+    def _unavailable(self, ex):
+        ex.proto.count(self.metric_unavailable)
+        return build_error(503, "counters_unavailable", ex.request_id, ex.proto.date, not ex.keep_alive)

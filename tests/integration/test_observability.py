@@ -1,0 +1,126 @@
+"""Access log, W3C trace context and latency headers, through real sockets and real worker processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+
+from tests.harness import Upstream, config, gateway
+from tests.integration.test_supervisor import Gateway
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def proxied(up: Upstream, **extra) -> dict:
+    return config(routes=[{"name": "r", "paths": ["/*"], "upstream": "u"},
+                          {"name": "m", "paths": ["/mock"], "mock": {"body": "m"}}],
+                  upstreams=[{"name": "u", "targets": [{"address": up.address}]}], **extra)
+
+
+async def test_traceparent_is_forwarded_when_valid_and_generated_otherwise(loop):
+    async with Upstream() as up, gateway(proxied(up)) as gw, httpx.AsyncClient() as c:
+        url = f"http://127.0.0.1:{gw.port}/x"
+        await c.get(url, headers={"traceparent": TP})
+        assert up.requests[-1].header("traceparent") == TP
+        await c.get(url)
+        made = up.requests[-1].header("traceparent")
+        parts = made.split("-")
+        assert len(made) == 55 and parts[0] == "00" and int(parts[1], 16) and int(parts[2], 16)
+        for bad in ["00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # all-zero trace id
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # all-zero parent id
+                    "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff
+                    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # upper case
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # v00 with more
+                    "garbage"]:
+            await c.get(url, headers={"traceparent": bad})
+            sent = [v for k, v in up.requests[-1].headers if k.lower() == b"traceparent"]
+            assert len(sent) == 1 and sent[0].decode() != bad and len(sent[0]) == 55, bad
+
+
+async def test_tracing_off_passes_the_header_untouched(loop):
+    async with Upstream() as up, gateway(proxied(up, tracing={"propagate": False})) as gw, \
+            httpx.AsyncClient() as c:
+        await c.get(f"http://127.0.0.1:{gw.port}/x", headers={"traceparent": "garbage"})
+        assert up.requests[-1].header("traceparent") == "garbage"
+        await c.get(f"http://127.0.0.1:{gw.port}/x")
+        assert up.requests[-1].header("traceparent") is None
+
+
+async def test_latency_headers_are_opt_in(loop):
+    async with Upstream() as up:
+        async with gateway(proxied(up)) as gw, httpx.AsyncClient() as c:
+            r = await c.get(f"http://127.0.0.1:{gw.port}/x")
+            assert "x-upstream-latency" not in r.headers
+        async with gateway(proxied(up, latency_headers=True)) as gw, httpx.AsyncClient() as c:
+            r = await c.get(f"http://127.0.0.1:{gw.port}/x")
+            assert int(r.headers["x-upstream-latency"]) >= 0 and int(r.headers["x-gateway-latency"]) >= 0
+
+
+def _lines(path) -> list[dict]:
+    try:
+        return [json.loads(x) for x in path.read_text().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def test_access_log_one_line_per_request_across_workers_and_reopened_on_usr1(tmp_path):
+    log = tmp_path / "access.log"
+    text = f"""
+access_log: {log}
+routes:
+  - {{name: hello, paths: [/hello], mock: {{body: hi}}}}
+"""
+    gw = Gateway(tmp_path, text, workers=2)
+    try:
+        base = gw.url.replace("/hello", "")
+        for _ in range(20):
+            httpx.get(base + "/hello", headers={"traceparent": TP})
+        httpx.get(base + "/missing")
+        deadline = time.monotonic() + 10
+        while sum(1 for x in _lines(log) if x["route"] == "hello") < 20 or not any(
+                x["status"] == 404 for x in _lines(log)):
+            assert time.monotonic() < deadline, _lines(log)[-3:]
+            time.sleep(0.1)
+        lines = _lines(log)
+        hello = [x for x in lines if x["path"] == "/hello"]
+        assert len({x["request_id"] for x in hello}) == len(hello)  # one line each, none twice
+        first = hello[-1]
+        assert first["status"] == 200 and first["method"] == "GET" and first["client_ip"] == "127.0.0.1"
+        assert first["gateway_ms"] >= 0 and first["upstream_ms"] is None and first["response_bytes"] > 0
+        assert first["ts"].endswith("Z")
+        missing = next(x for x in lines if x["path"] == "/missing")
+        assert missing["status"] == 404 and missing["route"] is None
+        # logrotate: move the file away, SIGUSR1, new lines go to a new file
+        os.rename(log, tmp_path / "access.log.1")
+        gw.signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not any(x["path"] == "/hello" for x in _lines(log)):
+            assert time.monotonic() < deadline, "no line in the reopened file"
+            httpx.get(base + "/hello")
+            time.sleep(0.2)
+    finally:
+        gw.stop()
+
+
+def test_access_log_sampling_keeps_errors(tmp_path):
+    log = tmp_path / "access.log"
+    gw = Gateway(tmp_path, f"""
+access_log: {{path: {log}, sample: 0.1}}
+routes:
+  - {{name: hello, paths: [/hello], mock: {{body: hi}}}}
+""", workers=1)
+    try:
+        base = gw.url.replace("/hello", "")
+        with httpx.Client() as c:
+            for _ in range(200):
+                c.get(base + "/hello")
+            for _ in range(5):
+                c.get(base + "/missing")
+    finally:
+        gw.stop()  # the worker flushes on its way out
+    lines = _lines(log)
+    assert sum(x["status"] == 404 for x in lines) == 5
+    assert 0 < sum(x["status"] == 200 for x in lines) < 100
