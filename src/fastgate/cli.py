@@ -1,4 +1,5 @@
-"""The `fastgate` command: run | check | reload | stop | version | demo-upstream."""
+"""The `fastgate` command: run | check | reload | stop | version | demo-upstream | tune, and the admin API's
+wrappers: consumers | keys | apis | usage."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ import sys
 
 from . import __version__
 from .errors import ConfigError
+from .tune import add_parser as add_tune_parser
 
 DEFAULT_CONFIG = "config/fastgate.yaml"
 DEFAULT_PID = "fastgate.pid"
@@ -110,6 +112,179 @@ def cmd_demo_upstream(args) -> int:
     return 0
 
 
+# --- admin API wrappers ------------------------------------------------------------------------------
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8001"
+
+
+def _admin_call(args, method: str, path: str, body=None):
+    """One admin API call: (status, decoded JSON or None). Exits 1 with the server's reason on errors."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = args.admin_url.rstrip("/") + path
+    headers = {"Accept": "application/json", "X-Fastgate-Actor": f"cli:{os.environ.get('USER', '?')}"}
+    if args.admin_token:
+        headers["Authorization"] = f"Bearer {args.admin_token}"
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            doc = json.loads(raw)
+            reason = doc.get("error", "") + (f": {doc['detail']}" if doc.get("detail") else "")
+        except ValueError:
+            reason = raw.decode(errors="replace")[:200]
+        raise SystemExit(f"fastgate: {method} {path}: {exc.code} {reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise SystemExit(f"fastgate: cannot reach the admin API at {args.admin_url}: "
+                         f"{getattr(exc, 'reason', exc)}") from None
+
+
+def _print_json(doc) -> None:
+    import json
+
+    print(json.dumps(doc, indent=2))
+
+
+def _table(rows: list[dict], cols: list[str]) -> None:
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_consumers(args) -> int:
+    from urllib.parse import quote
+
+    if args.action == "list":
+        _, doc = _admin_call(args, "GET", "/consumers")
+        if args.json:
+            _print_json(doc)
+        else:
+            _table(doc, ["username", "plan", "groups", "source", "created_at"])
+    elif args.action == "create":
+        body = {"username": args.name, **({"plan": args.plan} if args.plan else {})}
+        _, doc = _admin_call(args, "POST", "/consumers", body)
+        _print_json(doc) if args.json else print(f"consumer {doc['username']} created")
+    else:
+        _admin_call(args, "DELETE", f"/consumers/{quote(args.name, safe='')}")
+        print(f"consumer {args.name} deleted")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from urllib.parse import quote
+
+    if args.action == "list":
+        path = "/credentials" + (f"?consumer={quote(args.target)}" if args.target else "")
+        _, doc = _admin_call(args, "GET", path)
+        _print_json(doc) if args.json else _table(doc, ["id", "consumer", "identifier", "state", "created_at"])
+        return 0
+    if args.target is None:
+        raise SystemExit(f"fastgate: keys {args.action} needs " + ("CONSUMER" if args.action == "create" else "ID"))
+    if args.action == "create":
+        _, doc = _admin_call(args, "POST", f"/consumers/{quote(args.target, safe='')}/credentials", {})
+    elif not args.target.isdigit():
+        raise SystemExit(f"fastgate: keys {args.action} wants a credential id (a number), got {args.target!r}")
+    elif args.action == "rotate":
+        _, doc = _admin_call(args, "POST", f"/credentials/{args.target}/rotate")
+    else:
+        _, doc = _admin_call(args, "DELETE", f"/credentials/{args.target}")
+        _print_json(doc) if args.json else print(f"key {doc['id']} ({doc['identifier']}) of {doc['consumer']} revoked")
+        return 0
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"key {doc['id']} for {doc['consumer']} ({doc['identifier']}) — shown this once, store it now:")
+        print(doc["key"])
+    return 0
+
+
+def cmd_apis(args) -> int:
+    _, doc = _admin_call(args, "GET", "/apis")
+    if args.json:
+        _print_json(doc)
+        return 0
+    rows = [{"name": a["name"], "base_path": a.get("base_path"),
+             "versions": ", ".join(f"{v['version']} ({v['state']})" for v in a.get("versions", []))} for a in doc]
+    _table(rows, ["name", "base_path", "versions"])
+    return 0
+
+
+def cmd_usage(args) -> int:
+    """`fastgate usage export`: the usage ledger (GET /usage), as CSV or JSON on stdout."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlencode
+
+    query = {k: v for k, v in (("consumer", args.consumer), ("from", args.since), ("to", args.until),
+                               ("granularity", args.granularity), ("format", args.format)) if v}
+    if args.format == "json":
+        _, doc = _admin_call(args, "GET", "/usage?" + urlencode(query))
+        _print_json(doc)
+        return 0
+    req = urllib.request.Request(args.admin_url.rstrip("/") + "/usage?" + urlencode(query), headers={
+        "Accept": "text/csv", **({"Authorization": f"Bearer {args.admin_token}"} if args.admin_token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            sys.stdout.write(resp.read().decode())
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"fastgate: GET /usage: {exc.code} {exc.read().decode(errors='replace')[:200]}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise SystemExit(f"fastgate: cannot reach the admin API at {args.admin_url}: "
+                         f"{getattr(exc, 'reason', exc)}") from None
+    return 0
+
+
+def _add_admin_parsers(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--admin-url", default=os.environ.get("FASTGATE_ADMIN_URL", DEFAULT_ADMIN_URL),
+                        help="the admin API (env FASTGATE_ADMIN_URL; default %(default)s)")
+    common.add_argument("--admin-token", default=os.environ.get("FASTGATE_ADMIN_TOKEN"),
+                        help="its bearer token (env FASTGATE_ADMIN_TOKEN)")
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    common.add_argument("--json", action="store_true", help="print the API's JSON")
+    c = sub.add_parser("consumers", parents=[common], help="list, create or delete consumers (admin API)")
+    c.add_argument("action", choices=["list", "create", "delete"])
+    c.add_argument("name", nargs="?")
+    c.add_argument("--plan", help="create: the consumer's plan")
+    c.set_defaults(func=_needs_name(cmd_consumers))
+    k = sub.add_parser("keys", parents=[common], help="API keys: create CONSUMER | revoke ID | rotate ID | list "
+                       "[CONSUMER] (admin API)")
+    k.add_argument("action", choices=["create", "revoke", "rotate", "list"])
+    k.add_argument("target", nargs="?", help="CONSUMER for create and list, the key's ID for revoke and rotate")
+    k.set_defaults(func=cmd_keys)
+    a = sub.add_parser("apis", parents=[common], help="list the running config's APIs (admin API)")
+    a.add_argument("action", choices=["list"])
+    a.set_defaults(func=cmd_apis)
+    u = sub.add_parser("usage", parents=[common], help="export the usage ledger (admin API)")
+    u.add_argument("action", choices=["export"])
+    u.add_argument("--format", choices=["csv", "json"], default="csv")
+    u.add_argument("--consumer", help="one consumer only")
+    u.add_argument("--from", dest="since", help="start: unix seconds or ISO 8601 (UTC), rounded down to the hour")
+    u.add_argument("--to", dest="until", help="end (exclusive): unix seconds or ISO 8601")
+    u.add_argument("--granularity", choices=["hour", "day"], default="hour")
+    u.set_defaults(func=cmd_usage)
+
+
+def _needs_name(func):
+    def run(args) -> int:
+        if args.action != "list" and not args.name:
+            raise SystemExit(f"fastgate: consumers {args.action} needs NAME")
+        return func(args)
+
+    return run
+
+
 def _workers(value: str):
     if value == "auto":
         return value
@@ -149,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=9001)
     d.set_defaults(func=cmd_demo_upstream)
+    add_tune_parser(sub, DEFAULT_CONFIG)
+    _add_admin_parsers(sub)
     return p
 
 

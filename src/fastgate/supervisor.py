@@ -8,6 +8,9 @@ and dispatches to `handle_<name>`:
   CHLD      reap; replace a crashed worker (backing off when it crash-loops)
   TTIN/TTOU add / remove a worker
 Workers are forked, not spawned: they inherit the sockets (and the shared memory, later).
+With a `kind: admin` listener the supervisor also forks the control process (control/process.py:
+the admin API on uvicorn, over the socket bound here), restarts it when it dies, restarts it with
+the new config after a reload, and stops it with the workers.
 """
 from __future__ import annotations
 
@@ -20,9 +23,11 @@ import socket
 import sys
 import time
 
+from ._core.shm import SharedTable
 from .config.load import load_file_isolated
 from .config.schema import Config
 from .errors import ConfigError
+from .metrics import HostMetrics
 
 log = logging.getLogger("fastgate.supervisor")
 
@@ -31,6 +36,23 @@ SIGNALS = {
     signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1",
 }
 READY_TIMEOUT = 30.0
+
+
+def _import_plugins(cfg) -> None:
+    """Import the plugin modules a config names before workers fork and drop privileges (a
+    module that fails here is reported by the worker that builds it)."""
+    from .config.load import all_routes
+    from .config.schema import Plugin
+    from .policies.plugin import load_class
+
+    policies = list(cfg.policies) + [p for a in cfg.apis for p in a.policies]
+    policies += [p for _path, r, _a, _v in all_routes(cfg) for p in r.policies]
+    for p in policies:
+        if isinstance(p, Plugin):
+            try:
+                load_class(p.module)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def cpu_count() -> int:
@@ -160,20 +182,76 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._drain_deadline = None
+        self.table = None
+        self.metrics_table = None
+        self.control: Child | None = None  # the control process (admin API), not counted as a worker
+        self._control_at = 0.0
+        self._control_quick_deaths = 0
 
     # --- sockets ----------------------------------------------------------------------------------
     def _proxy_sockets(self, cfg: Config):
         out = []
         for li in cfg.listeners:
-            if li.kind != "proxy":
-                continue
+            if li.kind not in ("proxy", "metrics"):
+                continue  # admin and portal belong to the control process
             key = (li.address, li.port)
             if key not in self.sockets:
                 self.sockets[key] = bind_listener(li.address, li.port, li.backlog)
             out.append((self.sockets[key], li))
         return out
 
+    @staticmethod
+    def _admin_listener(cfg: Config):
+        return next((li for li in cfg.listeners if li.kind == "admin"), None)
+
+    @staticmethod
+    def _portal_listener(cfg: Config):
+        return next((li for li in cfg.listeners if li.kind == "portal"), None)
+
+    def _admin_socket(self, li) -> socket.socket:
+        key = (li.address, li.port)
+        if key not in self.sockets:
+            self.sockets[key] = bind_listener(li.address, li.port, li.backlog)
+        return self.sockets[key]
+
     # --- children ---------------------------------------------------------------------------------
+    def spawn_control(self) -> Child:
+        """Fork the control process: the admin API over the admin socket bound here (and the developer
+        portal over the portal socket, when the config has one)."""
+        li = self._admin_listener(self.cfg)
+        sock = self._admin_socket(li)
+        pli = self._portal_listener(self.cfg)
+        psock = self._admin_socket(pli) if pli is not None else None
+        supervisor_pid = os.getpid()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        pid = os.fork()
+        if pid == 0:  # the control process
+            code = 1
+            try:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                signal.set_wakeup_fd(-1)
+                for sig in SIGNALS:
+                    keep_default = sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+                    signal.signal(sig, signal.SIG_DFL if keep_default else signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                for s in self.sockets.values():  # it serves the admin and portal sockets only
+                    if s is not sock and s is not psock:
+                        s.close()
+                from .control.process import run_control  # before dropping privileges, like the workers
+
+                code = run_control(self.cfg, sock, li, self.config_path, supervisor_pid,
+                                   drop=lambda: drop_privileges(self.cfg.user, self.cfg.group),
+                                   host_metrics=self.metrics_table, portal_sock=psock, portal_listener=pli)
+            except BaseException:  # noqa: BLE001 - never return into the supervisor
+                logging.getLogger("fastgate.control").exception("control process crashed")
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        self.control = Child(pid, 0, -1)
+        log.info("control process %d started (admin API on %s:%d)", pid, li.address, li.port)
+        return self.control
+
     def spawn(self) -> Child:
         sockets = self._proxy_sockets(self.cfg)
         ready_r, ready_w = os.pipe()
@@ -196,7 +274,8 @@ class Supervisor:
 
                 drop_privileges(self.cfg.user, self.cfg.group)
 
-                code = run_worker(self.cfg, sockets, ready_w, self.generation, self.use_uvloop)
+                code = run_worker(self.cfg, sockets, ready_w, self.generation, self.use_uvloop, self.table,
+                                  self.metrics_table)
             except BaseException:  # noqa: BLE001 - a worker must never return into the supervisor
                 logging.getLogger("fastgate.worker").exception("worker crashed")
             finally:
@@ -244,13 +323,28 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._proxy_sockets(self.cfg)
+        if self._admin_listener(self.cfg) is not None:
+            self._admin_socket(self._admin_listener(self.cfg))
+            if self._portal_listener(self.cfg) is not None:
+                self._admin_socket(self._portal_listener(self.cfg))
+        # one anonymous shared mapping, made before any fork: every worker (and every later
+        # generation of workers) counts in the same table
+        # import everything a worker runs now: after fork it may have dropped to a user who
+        # cannot read this Python's files (a root-owned virtualenv, say)
+        from .policies import load_builders
+        from .server import worker  # noqa: F401
+
+        load_builders(self.cfg)
+        _import_plugins(self.cfg)
+        self.table = SharedTable(self.cfg.counters.capacity)
+        self.metrics_table = HostMetrics(self.cfg)
         if self.pid_file:
             with open(self.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
         for _ in range(self.workers):
             self.spawn()
         try:
-            while not (self._should_exit and not self.children):
+            while not (self._should_exit and not self.children and self.control is None):
                 self._wait(0.5)
                 self._dispatch()
                 self._reap()
@@ -288,6 +382,9 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if self.control is not None and pid == self.control.pid:
+                self._reaped_control(self.control, status)
+                continue
             child = self.children.pop(pid, None)
             if child is None:
                 continue
@@ -299,6 +396,7 @@ class Supervisor:
                 log.info("worker %d exited (%d)", pid, code)
             else:
                 log.error("worker %d died unexpectedly (%d)", pid, code)
+                self.metrics_table.table.add(b"sup|restarts", 1)
                 now = time.monotonic()
                 if now - child.started < 2.0:
                     self._crashes = [t for t in self._crashes if now - t < 60] + [now]
@@ -308,13 +406,33 @@ class Supervisor:
                                   len(self._crashes), delay)
                     self._respawn_at = now + delay
 
+    def _reaped_control(self, c: Child, status: int) -> None:
+        self.control = None
+        code = os.waitstatus_to_exitcode(status)
+        if c.stopping or self._should_exit:
+            log.info("control process %d exited (%d)", c.pid, code)
+            return
+        now = time.monotonic()
+        self._control_quick_deaths = self._control_quick_deaths + 1 if now - c.started < 2.0 else 0
+        delay = min(30.0, 0.5 * 2 ** (self._control_quick_deaths - 1)) if self._control_quick_deaths else 0.0
+        log.error("control process %d died unexpectedly (%d): restarting%s", c.pid, code,
+                  f" in {delay:.1f}s" if delay else "")
+        self._control_at = now + delay
+
     def _keep_alive(self) -> None:
         if self._should_exit:
             if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
-                for c in list(self.children.values()):
+                for c in list(self.children.values()) + ([self.control] if self.control else []):
                     self._stop_child(c, signal.SIGKILL)
                 self._drain_deadline = None
             return
+        if self.control is None and time.monotonic() >= self._control_at \
+                and self._admin_listener(self.cfg) is not None:
+            try:
+                self.spawn_control()
+            except OSError as exc:  # the admin port of a new config taken, say
+                log.error("control process not started: %s", exc)
+                self._control_at = time.monotonic() + 5.0
         if time.monotonic() < self._respawn_at:
             return
         while len(self._current()) < self.workers:
@@ -324,13 +442,13 @@ class Supervisor:
     def handle_term(self) -> None:
         if self._should_exit:
             log.warning("second stop signal: killing workers")
-            for c in list(self.children.values()):
+            for c in list(self.children.values()) + ([self.control] if self.control else []):
                 self._stop_child(c, signal.SIGKILL)
             return
         log.info("stopping: draining workers (up to %.0fs)", self.cfg.limits.drain_timeout)
         self._should_exit = True
         self._drain_deadline = time.monotonic() + self.cfg.limits.drain_timeout + 5
-        for c in list(self.children.values()):
+        for c in list(self.children.values()) + ([self.control] if self.control else []):
             self._stop_child(c)
         for sock in self.sockets.values():
             sock.close()
@@ -343,7 +461,7 @@ class Supervisor:
     def handle_usr1(self) -> None:
         reopen_logs()
         log.info("log files reopened")
-        for c in self.children.values():
+        for c in list(self.children.values()) + ([self.control] if self.control else []):
             try:
                 os.kill(c.pid, signal.SIGUSR1)
             except ProcessLookupError:
@@ -369,10 +487,22 @@ class Supervisor:
             cfg = self.overrides(load_file_isolated(self.config_path))
         except ConfigError as exc:
             log.error("reload refused, keeping the running config:\n%s", exc)
+            self.metrics_table.table.add(b"sup|reload_failures", 1)
             return
         old = [c for c in self.children.values() if not c.stopping]
+        if cfg.counters.capacity != self.cfg.counters.capacity:
+            log.warning("counters.capacity changed: the shared table keeps %d slots until a restart",
+                        self.table.capacity)
         self.cfg = cfg
         self.generation += 1
+        self.metrics_table.table.add(b"sup|reloads", 1)
+        from .policies import load_builders
+
+        load_builders(cfg)  # a policy type new in this config: imported here, before the fork
+        _import_plugins(cfg)
+        full = self.metrics_table.register(cfg)  # number the new routes before the new workers fork
+        if full:
+            log.warning("no room for the metrics of %d new route(s) (e.g. %s) until a restart", len(full), full[0])
         try:
             new = [self.spawn() for _ in range(self.workers)]
         except OSError as exc:
@@ -392,7 +522,16 @@ class Supervisor:
             return
         for c in old:
             self._stop_child(c)
-        keys = {(li.address, li.port) for li in cfg.listeners if li.kind == "proxy"}
+        # the control process restarts on the new config (its admin socket stays bound here)
+        if self.control is not None:
+            self._stop_child(self.control)
+            self.control = None  # reaped as a stranger; the new one starts on the next turn
+        self._control_at = 0.0
+        self._control_quick_deaths = 0
+        # keep every socket a listener still names: closing a metrics or admin socket the running
+        # processes hold would make the next respawn fail to bind its port
+        keys = {(li.address, li.port) for li in cfg.listeners if li.kind != "portal"
+                or self._admin_listener(cfg) is not None}  # a portal without admin: no control process
         for key in list(self.sockets):
             if key not in keys:
                 self.sockets.pop(key).close()

@@ -139,6 +139,43 @@ def test_ten_reloads_under_load_fail_no_request(gw):
     assert failures == []
 
 
+def test_a_worker_killed_under_load_fails_only_its_in_flight_requests(gw):
+    failures, done = [], [0]
+    stop = threading.Event()
+    clients = 4
+
+    def load():
+        with httpx.Client(timeout=10) as c:  # keep-alive: at most one request in flight per client
+            while not stop.is_set():
+                try:
+                    r = c.get(gw.url)
+                    if r.status_code != 200:
+                        failures.append(r.status_code)
+                    done[0] += 1
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        while done[0] < 200:
+            time.sleep(0.01)
+        before = gw.workers()
+        os.kill(before[0], signal.SIGKILL)
+        gw.wait_workers(2, exclude=before[:1], timeout=10)
+        after_kill = done[0]
+        while done[0] < after_kill + 200:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    # only requests the dead worker held can fail: one per client connection at most
+    assert len(failures) <= clients, failures
+    assert all(isinstance(f, str) for f in failures)  # transport errors, never a wrong status
+
+
 def test_ttin_ttou_scale_workers(gw):
     gw.wait_workers(2)
     gw.signal(signal.SIGTTIN)

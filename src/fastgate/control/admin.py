@@ -1,0 +1,559 @@
+"""The admin API: a Starlette app (served by uvicorn in the control process, control/process.py).
+
+JSON in and out, bearer-token authenticated. CRUD on consumers, credentials (a key is shown once, by
+the call that made it), developers, apps, plans and subscriptions in the store; read views of the
+running config's APIs, routes and upstreams; `POST /config` validates a new declarative config and,
+when it is valid, writes the config file and asks the supervisor to reload (SIGHUP); `GET /audit`.
+Request bodies are msgspec Structs, which also give the OpenAPI document its schemas.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import signal
+import tempfile
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..config.schema import Name, Quota, RateLimitSpec
+from ..errors import ConfigError
+from .store import Store, StoreError
+
+log = logging.getLogger("fastgate.admin")
+
+Text = Annotated[str, Meta(max_length=1024)]
+Email = Annotated[str, Meta(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
+Id = Annotated[int, Meta(ge=1)]
+SubState = Literal["active", "pending", "revoked"]
+
+
+class In(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ConsumerCreate(In):
+    username: Name
+    custom_id: Text | None = None  # sent upstream as X-Consumer-ID (default: the username)
+    plan: Name | None = None
+    groups: list[Name] = []
+    app_id: Id | None = None
+
+
+class ConsumerUpdate(In):
+    custom_id: Text | None | UnsetType = UNSET
+    plan: Name | None | UnsetType = UNSET
+    groups: list[Name] | UnsetType = UNSET
+    app_id: Id | None | UnsetType = UNSET
+
+
+class CredentialCreate(In):
+    key: Annotated[str, Meta(min_length=16, max_length=512)] | None = None  # default: generated
+
+
+class DeveloperCreate(In):
+    email: Email
+    name: Text | None = None
+
+
+class DeveloperUpdate(In):
+    email: Email | UnsetType = UNSET
+    name: Text | None | UnsetType = UNSET
+
+
+class AppCreate(In):
+    name: Name
+    developer_id: Id | None = None
+    description: Text | None = None
+
+
+class AppUpdate(In):
+    name: Name | UnsetType = UNSET
+    developer_id: Id | None | UnsetType = UNSET
+    description: Text | None | UnsetType = UNSET
+
+
+class PlanCreate(In):
+    name: Name
+    description: Text | None = None
+    rate_limits: list[RateLimitSpec] = []
+    quotas: list[Quota] = []
+
+
+class PlanUpdate(In):
+    description: Text | None | UnsetType = UNSET
+    rate_limits: list[RateLimitSpec] | UnsetType = UNSET
+    quotas: list[Quota] | UnsetType = UNSET
+
+
+class SubscriptionCreate(In):
+    app_id: Id
+    plan: Name
+    state: SubState = "pending"
+
+
+class SubscriptionUpdate(In):
+    plan: Name | UnsetType = UNSET
+    state: SubState | UnsetType = UNSET
+
+
+BODIES = [ConsumerCreate, ConsumerUpdate, CredentialCreate, DeveloperCreate, DeveloperUpdate, AppCreate, AppUpdate,
+          PlanCreate, PlanUpdate, SubscriptionCreate, SubscriptionUpdate]
+
+
+def _changes(body: In) -> dict:
+    return {k: v for k, v in msgspec.structs.asdict(body).items() if v is not UNSET}
+
+
+class BadBody(Exception):
+    pass
+
+
+def err(status: int, error: str, **fields) -> JSONResponse:
+    return JSONResponse({"error": error, **fields}, status)
+
+
+class Admin:
+    """The endpoints, over one store and the running config."""
+
+    def __init__(self, store: Store, cfg, config_path: str | None, supervisor_pid: int | None):
+        self.store = store
+        self.cfg = cfg
+        self.config_path = config_path
+        self.supervisor_pid = supervisor_pid
+        self.config_key_hashes = frozenset(h for c in cfg.consumers for h in c.keys)
+
+    # --- helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def actor(request: Request) -> str:
+        who = request.headers.get("x-fastgate-actor", "admin")[:64]
+        who = "".join(ch for ch in who if ch.isprintable()) or "admin"
+        client = request.client.host if request.client else "?"
+        return f"{who}@{client}"
+
+    @staticmethod
+    async def body(request: Request, tp, empty_ok: bool = False):
+        raw = await request.body()
+        if not raw.strip() and empty_ok:
+            return tp()
+        try:
+            return msgspec.json.decode(raw, type=tp)
+        except msgspec.ValidationError as exc:
+            raise BadBody(str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise BadBody(f"not valid JSON: {exc}") from None
+
+    @staticmethod
+    def int_param(request: Request, name: str) -> int:
+        try:
+            return int(request.path_params[name])
+        except ValueError:
+            raise HTTPException(404) from None
+
+    # --- consumers --------------------------------------------------------------------------------
+    async def consumers(self, request: Request):
+        if request.method == "GET":
+            return JSONResponse(self.store.list_consumers())
+        b = await self.body(request, ConsumerCreate)
+        return JSONResponse(self.store.create_consumer(self.actor(request), b.username, b.custom_id, b.plan,
+                                                       b.groups, b.app_id), 201)
+
+    async def consumer(self, request: Request):
+        name = request.path_params["name"]
+        if request.method == "GET":
+            return JSONResponse(self.store.get_consumer(name))
+        if request.method == "PATCH":
+            b = await self.body(request, ConsumerUpdate)
+            return JSONResponse(self.store.update_consumer(self.actor(request), name, _changes(b)))
+        self.store.delete_consumer(self.actor(request), name)
+        return Response(status_code=204)
+
+    # --- credentials ------------------------------------------------------------------------------
+    async def consumer_credentials(self, request: Request):
+        name = request.path_params["name"]
+        if request.method == "GET":
+            return JSONResponse(self.store.list_credentials(name))
+        b = await self.body(request, CredentialCreate, empty_ok=True)
+        cred, key = self.store.create_key(self.actor(request), name, b.key, self.config_key_hashes)
+        return JSONResponse({**cred, "key": key}, 201, headers={"Cache-Control": "no-store"})
+
+    async def credentials(self, request: Request):
+        return JSONResponse(self.store.list_credentials(request.query_params.get("consumer")))
+
+    async def credential(self, request: Request):
+        id_ = self.int_param(request, "id")
+        if request.method == "GET":
+            return JSONResponse(self.store.get_credential(id_))
+        return JSONResponse(self.store.revoke_key(self.actor(request), id_))
+
+    async def rotate(self, request: Request):
+        cred, key = self.store.rotate_key(self.actor(request), self.int_param(request, "id"))
+        return JSONResponse({**cred, "key": key}, headers={"Cache-Control": "no-store"})
+
+    # --- developers, apps, plans, subscriptions ---------------------------------------------------
+    async def developers(self, request: Request):
+        if request.method == "GET":
+            return JSONResponse(self.store.list_developers())
+        b = await self.body(request, DeveloperCreate)
+        return JSONResponse(self.store.create_developer(self.actor(request), b.email, b.name), 201)
+
+    async def developer(self, request: Request):
+        return await self._one(request, self.store.get_developer, DeveloperUpdate, self.store.update_developer,
+                               self.store.delete_developer)
+
+    async def apps(self, request: Request):
+        if request.method == "GET":
+            return JSONResponse(self.store.list_apps())
+        b = await self.body(request, AppCreate)
+        return JSONResponse(self.store.create_app(self.actor(request), b.name, b.developer_id, b.description), 201)
+
+    async def app(self, request: Request):
+        return await self._one(request, self.store.get_app, AppUpdate, self.store.update_app, self.store.delete_app)
+
+    async def plans(self, request: Request):
+        if request.method == "GET":
+            return JSONResponse(self.store.list_plans())
+        b = await self.body(request, PlanCreate)
+        return JSONResponse(self.store.create_plan(self.actor(request), b.name, b.description,
+                                                   msgspec.to_builtins(b.rate_limits),
+                                                   msgspec.to_builtins(b.quotas)), 201)
+
+    async def plan(self, request: Request):
+        name = request.path_params["name"]
+        if request.method == "GET":
+            return JSONResponse(self.store.get_plan(name))
+        if request.method == "PATCH":
+            b = await self.body(request, PlanUpdate)
+            return JSONResponse(self.store.update_plan(self.actor(request), name,
+                                                       msgspec.to_builtins(_changes(b))))
+        self.store.delete_plan(self.actor(request), name)
+        return Response(status_code=204)
+
+    async def subscriptions(self, request: Request):
+        if request.method == "GET":
+            app_id = request.query_params.get("app_id")
+            return JSONResponse(self.store.list_subscriptions(int(app_id) if app_id and app_id.isdigit() else None))
+        b = await self.body(request, SubscriptionCreate)
+        return JSONResponse(self.store.create_subscription(self.actor(request), b.app_id, b.plan, b.state), 201)
+
+    async def subscription(self, request: Request):
+        return await self._one(request, self.store.get_subscription, SubscriptionUpdate,
+                               self.store.update_subscription, self.store.delete_subscription)
+
+    async def _one(self, request: Request, get, update_tp, update, delete):
+        id_ = self.int_param(request, "id")
+        if request.method == "GET":
+            return JSONResponse(get(id_))
+        if request.method == "PATCH":
+            b = await self.body(request, update_tp)
+            return JSONResponse(update(self.actor(request), id_, _changes(b)))
+        delete(self.actor(request), id_)
+        return Response(status_code=204)
+
+    # --- the running config -----------------------------------------------------------------------
+    async def apis(self, request: Request):
+        out = []
+        for api in self.cfg.apis:
+            doc = msgspec.to_builtins(api)
+            doc["versions"] = [{**msgspec.to_builtins(v), "routes": [r.name for r in v.routes]} for v in api.versions]
+            out.append(doc)
+        return JSONResponse(out)
+
+    async def routes(self, request: Request):
+        from ..config.load import all_routes
+
+        out = []
+        for _path, r, api, ver in all_routes(self.cfg):
+            doc = msgspec.to_builtins(r)
+            doc["api"] = api.name if api is not None else None
+            doc["version"] = ver.version if ver is not None else None
+            doc["state"] = ver.state if ver is not None else "published"
+            out.append(doc)
+        return JSONResponse(out)
+
+    async def upstreams(self, request: Request):
+        return JSONResponse(msgspec.to_builtins(self.cfg.upstreams))
+
+    async def get_config(self, request: Request):
+        doc = msgspec.to_builtins(self.cfg)
+        if doc.get("admin", {}).get("token"):
+            doc["admin"]["token"] = "<redacted>"
+        return JSONResponse(doc)
+
+    async def post_config(self, request: Request):
+        from ..config.load import load_config, parse_document
+
+        raw = await request.body()
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        fmt = "json" if ctype.endswith("json") else "toml" if ctype.endswith("toml") else "yaml"
+        try:
+            data = parse_document(raw, fmt)
+            cfg = load_config(data)  # the admin section's rules included (config/load.py)
+        except ConfigError as exc:
+            return err(422, "invalid_config", errors=[{"path": i.path, "message": i.message, "hint": i.hint}
+                                                      for i in exc.issues])
+        if self.config_path is None:
+            return err(409, "no_config_file", detail="the gateway was started without a config file")
+        try:
+            text = _as_file_format(raw, fmt, data, self.config_path)
+        except ValueError as exc:
+            return err(415, "unsupported_format", detail=str(exc))
+        before = msgspec.to_builtins(self.cfg)
+        try:
+            _write_atomically(self.config_path, text)
+        except OSError as exc:
+            return err(500, "config_not_written", detail=f"{self.config_path}: {exc.strerror}")
+        after = msgspec.to_builtins(cfg)
+        for doc in (before, after):
+            if doc.get("admin", {}).get("token"):
+                doc["admin"]["token"] = "<redacted>"
+        self.store.audit(self.actor(request), "update", "config", self.config_path, before, after)
+        if self.supervisor_pid is None:
+            return JSONResponse({"status": "written", "reload": False}, 202)
+        try:
+            os.kill(self.supervisor_pid, signal.SIGHUP)
+        except OSError as exc:
+            return err(500, "reload_not_signalled", detail=f"config written, but the supervisor "
+                       f"({self.supervisor_pid}) could not be signalled: {exc.strerror}; run `fastgate reload`")
+        return JSONResponse({"status": "reloading", "reload": True}, 202)
+
+    # --- audit, status, openapi -------------------------------------------------------------------
+    async def audit(self, request: Request):
+        q = request.query_params
+        limit = min(1000, int(q["limit"])) if q.get("limit", "").isdigit() else 100
+        before = int(q["before"]) if q.get("before", "").isdigit() else None
+        return JSONResponse(self.store.list_audit(limit, q.get("entity"), before))
+
+    async def status(self, request: Request):
+        return JSONResponse({"version": __version__, "pid": os.getpid(), "supervisor": self.supervisor_pid,
+                             "config": self.config_path, "store": self.store.path,
+                             "store_schema": self.store.version})
+
+    async def openapi(self, request: Request):
+        return JSONResponse(openapi_document())
+
+
+# (method, path, handler name, summary, request body, success status)
+ENDPOINTS = [
+    ("GET", "/status", "status", "Version, pids, config file and store", None, 200),
+    ("GET", "/consumers", "consumers", "List consumers (config ones are read-only)", None, 200),
+    ("POST", "/consumers", "consumers", "Create a consumer", ConsumerCreate, 201),
+    ("GET", "/consumers/{name}", "consumer", "A consumer", None, 200),
+    ("PATCH", "/consumers/{name}", "consumer", "Change a consumer", ConsumerUpdate, 200),
+    ("DELETE", "/consumers/{name}", "consumer", "Delete a consumer and its credentials", None, 204),
+    ("GET", "/consumers/{name}/credentials", "consumer_credentials", "A consumer's credentials", None, 200),
+    ("POST", "/consumers/{name}/credentials", "consumer_credentials",
+     "Create an API key: the answer's `key` is shown this once", CredentialCreate, 201),
+    ("GET", "/credentials", "credentials", "List credentials (?consumer=NAME)", None, 200),
+    ("GET", "/credentials/{id}", "credential", "A credential (never the key)", None, 200),
+    ("DELETE", "/credentials/{id}", "credential", "Revoke a credential", None, 200),
+    ("POST", "/credentials/{id}/rotate", "rotate", "New key for a credential; the old one stops working",
+     None, 200),
+    ("GET", "/developers", "developers", "List developers", None, 200),
+    ("POST", "/developers", "developers", "Create a developer", DeveloperCreate, 201),
+    ("GET", "/developers/{id}", "developer", "A developer", None, 200),
+    ("PATCH", "/developers/{id}", "developer", "Change a developer", DeveloperUpdate, 200),
+    ("DELETE", "/developers/{id}", "developer", "Delete a developer (without apps)", None, 204),
+    ("GET", "/apps", "apps", "List apps", None, 200),
+    ("POST", "/apps", "apps", "Create an app", AppCreate, 201),
+    ("GET", "/apps/{id}", "app", "An app", None, 200),
+    ("PATCH", "/apps/{id}", "app", "Change an app", AppUpdate, 200),
+    ("DELETE", "/apps/{id}", "app", "Delete an app and its subscriptions", None, 204),
+    ("GET", "/plans", "plans", "List plans (config ones are read-only)", None, 200),
+    ("POST", "/plans", "plans", "Create a plan", PlanCreate, 201),
+    ("GET", "/plans/{name}", "plan", "A plan", None, 200),
+    ("PATCH", "/plans/{name}", "plan", "Change a plan", PlanUpdate, 200),
+    ("DELETE", "/plans/{name}", "plan", "Delete a plan nobody uses", None, 204),
+    ("GET", "/subscriptions", "subscriptions", "List subscriptions (?app_id=N)", None, 200),
+    ("POST", "/subscriptions", "subscriptions", "Subscribe an app to a plan", SubscriptionCreate, 201),
+    ("GET", "/subscriptions/{id}", "subscription", "A subscription", None, 200),
+    ("PATCH", "/subscriptions/{id}", "subscription", "Change a subscription's plan or state",
+     SubscriptionUpdate, 200),
+    ("DELETE", "/subscriptions/{id}", "subscription", "Delete a subscription", None, 204),
+    ("GET", "/apis", "apis", "The running config's APIs", None, 200),
+    ("GET", "/routes", "routes", "The running config's routes", None, 200),
+    ("GET", "/upstreams", "upstreams", "The running config's upstreams", None, 200),
+    ("GET", "/config", "get_config", "The running config (the admin token redacted)", None, 200),
+    ("POST", "/config", "post_config", "Validate a config (YAML, JSON or TOML by Content-Type); when valid, "
+     "write it to the config file and reload. 422 lists every error with its path", None, 202),
+    ("GET", "/audit", "audit", "Audit log, newest first (?entity=&limit=&before=ID)", None, 200),
+    ("GET", "/openapi.json", "openapi", "This document", None, 200),
+    ("GET", "/analytics/summary", None, "Traffic over ?window=1h|1d: rps, latency quantiles, error rate, top "
+     "consumers and routes, rate-limit rejections, upstream health, worker restarts, a series for charts", None, 200),
+    ("GET", "/usage", None, "The usage ledger (?consumer=&from=&to=&granularity=hour|day&format=json|csv)",
+     None, 200),
+]
+
+
+def openapi_document() -> dict:
+    _, components = msgspec.json.schema_components(BODIES, ref_template="#/components/schemas/{name}")
+    components["Error"] = {"type": "object", "required": ["error"],
+                           "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}
+    components["ConfigErrors"] = {
+        "type": "object", "properties": {"error": {"const": "invalid_config"}, "errors": {"type": "array", "items": {
+            "type": "object", "properties": {"path": {"type": "string"}, "message": {"type": "string"},
+                                             "hint": {"type": "string"}}}}}}
+    paths: dict[str, dict] = {}
+    for method, path, _handler, summary, body, status in ENDPOINTS:
+        op: dict[str, Any] = {"summary": summary, "responses": {
+            str(status): {"description": "OK" if status != 204 else "No content"},
+            "401": {"description": "missing or wrong bearer token"},
+        }}
+        if status != 204:
+            op["responses"][str(status)]["content"] = {"application/json": {"schema": {}}}
+        params = [{"name": seg[1:-1], "in": "path", "required": True,
+                   "schema": {"type": "integer" if seg == "{id}" else "string"}}
+                  for seg in path.split("/") if seg.startswith("{")]
+        if params:
+            op["parameters"] = params
+            op["responses"]["404"] = {"description": "not found",
+                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        if body is not None:
+            op["requestBody"] = {"required": body is not CredentialCreate, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
+            op["responses"]["422"] = {"description": "invalid body",
+                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        if path == "/config" and method == "POST":
+            op["requestBody"] = {"required": True, "content": {t: {"schema": {"type": "object"}} for t in (
+                "application/yaml", "application/json", "application/toml")}}
+            op["responses"]["422"] = {"description": "every error, with its path", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ConfigErrors"}}}}
+        if method in ("POST", "PATCH", "DELETE") and path != "/config":
+            op["responses"]["409"] = {"description": "conflict, or read-only (declared in the config file)"}
+        paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fastgate admin API", "version": __version__},
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }
+
+
+# --- authentication and errors ---------------------------------------------------------------------
+class BearerAuth:
+    """Every request needs `Authorization: Bearer <token>` (compared in constant time)."""
+
+    def __init__(self, app, token: str | None):
+        self.app = app
+        self.token = token.encode() if token else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.token is not None:
+            got = b""
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    got = value
+            scheme, _, cred = got.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(cred.strip(), self.token):
+                resp = JSONResponse({"error": "unauthorized"}, 401,
+                                    headers={"WWW-Authenticate": 'Bearer realm="fastgate-admin"'})
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _store_error(request, exc: StoreError):
+    return err(exc.status, exc.code, detail=str(exc))
+
+
+async def _bad_body(request, exc: BadBody):
+    return err(422, "invalid_body", detail=str(exc))
+
+
+async def _http_error(request, exc: HTTPException):
+    reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+    return JSONResponse({"error": reason}, exc.status_code, headers=exc.headers)
+
+
+async def _crash(request, exc: Exception):  # Starlette re-raises it afterwards: uvicorn logs the traceback
+    return err(500, "internal_error")
+
+
+def create_app(store: Store, cfg, token: str | None, config_path: str | None = None,
+               supervisor_pid: int | None = None, analytics=None):
+    admin = Admin(store, cfg, config_path, supervisor_pid)
+    methods: dict[tuple[str, str], list[str]] = {}
+    for method, path, handler, *_ in ENDPOINTS:
+        if handler is not None:  # None: served by control/dashboard.py
+            methods.setdefault((path, handler), []).append(method)
+    routes = [Route(path, getattr(admin, handler), methods=m) for (path, handler), m in methods.items()]
+    if analytics is not None:  # GET /analytics/summary, GET /usage (control/dashboard.py)
+        from .dashboard import api_routes
+
+        routes += api_routes(analytics)
+    app = Starlette(routes=routes, exception_handlers={
+        StoreError: _store_error, BadBody: _bad_body, HTTPException: _http_error, Exception: _crash})
+    app.state.admin = admin
+    if analytics is not None:  # /dashboard: its own cookie login; everything else: the bearer token
+        from .dashboard import with_dashboard
+
+        return with_dashboard(BearerAuth(app, token), analytics, token)
+    return BearerAuth(app, token)
+
+
+# --- the config file -------------------------------------------------------------------------------
+def resolve_token(cfg) -> str | None:
+    """The admin token, or None (allowed only on loopback). Raises ValueError with a clear message."""
+    a = cfg.admin
+    if a.token_env is not None:
+        token = os.environ.get(a.token_env, "")
+        if len(token) < 16:
+            raise ValueError(f"admin.token_env: ${a.token_env} is {'unset' if not token else 'shorter than 16 characters'}")
+        return token
+    if a.token is not None:
+        return a.token
+    from ..config.load import admin_issues
+
+    problems = admin_issues(cfg)
+    if problems:
+        raise ValueError("; ".join(f"{p.path}: {p.message} ({p.hint})" for p in problems))
+    return None
+
+
+def _as_file_format(raw: bytes, fmt: str, data, path: str) -> bytes:
+    """The text to write: the body itself when the file's parser reads it (comments survive),
+    else the document re-serialised in the file's format."""
+    from ..config.load import _format_of
+
+    target = _format_of(path)
+    if target == fmt or (target == "yaml" and fmt == "json"):
+        return raw
+    if target == "json":
+        return json.dumps(data, indent=2).encode() + b"\n"
+    if target == "yaml":
+        import yaml
+
+        return yaml.safe_dump(data, sort_keys=False).encode()
+    raise ValueError(f"the config file {path} is {target.upper()}: send {target.upper()}")
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fastgate-config-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        except OSError:
+            pass
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,650 @@
+"""The state store: one SQLite file (config `store.path`) that the control process writes and the
+workers read (control/directory.py).
+
+Holds developers, apps, consumers, credentials, plans, subscriptions and an audit log. API keys are
+stored only as "sha256:<hex>" hashes: the key itself is returned once, by the call that made it.
+Consumers and plans declared in the config file are copied in (`sync_config`, source "config") and
+are read-only here: the file is where they change.
+
+The schema evolves by migrations applied in order, each in one transaction that also sets
+`PRAGMA user_version` to its number; a file newer than this code is refused, never downgraded.
+Every change writes an audit row (who, what, when, the entity before and after) in the same
+transaction as the change itself.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from contextlib import contextmanager
+
+log = logging.getLogger("fastgate.store")
+
+MIGRATIONS: list[list[str]] = [
+    [  # 1: the first schema
+        """CREATE TABLE developers (
+            id INTEGER PRIMARY KEY, email TEXT NOT NULL UNIQUE, name TEXT,
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE plans (
+            id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, description TEXT,
+            spec TEXT NOT NULL DEFAULT '{}',
+            source TEXT NOT NULL DEFAULT 'api' CHECK (source IN ('api', 'config')),
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE apps (
+            id INTEGER PRIMARY KEY, name TEXT NOT NULL, description TEXT,
+            developer_id INTEGER REFERENCES developers(id) ON DELETE RESTRICT,
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL, UNIQUE (developer_id, name))""",
+        """CREATE TABLE consumers (
+            id INTEGER PRIMARY KEY, username TEXT NOT NULL UNIQUE, custom_id TEXT, plan TEXT,
+            groups TEXT NOT NULL DEFAULT '[]', app_id INTEGER REFERENCES apps(id) ON DELETE SET NULL,
+            source TEXT NOT NULL DEFAULT 'api' CHECK (source IN ('api', 'config')),
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE credentials (
+            id INTEGER PRIMARY KEY,
+            consumer_id INTEGER NOT NULL REFERENCES consumers(id) ON DELETE CASCADE,
+            type TEXT NOT NULL DEFAULT 'key-auth' CHECK (type IN ('key-auth')),
+            key_hash TEXT NOT NULL UNIQUE,
+            state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'revoked')),
+            created_at TEXT NOT NULL, rotated_at TEXT, revoked_at TEXT)""",
+        "CREATE INDEX credentials_by_consumer ON credentials (consumer_id)",
+        """CREATE TABLE subscriptions (
+            id INTEGER PRIMARY KEY, app_id INTEGER NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+            plan_id INTEGER NOT NULL REFERENCES plans(id) ON DELETE RESTRICT,
+            state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('active', 'pending', 'revoked')),
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL, UNIQUE (app_id, plan_id))""",
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY, at TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+            entity TEXT NOT NULL, entity_id TEXT, before TEXT, after TEXT)""",
+    ],
+    [  # 2: analytics — the usage ledger (workers add to it) and the metrics time series (control/analytics.py)
+        """CREATE TABLE usage (
+            hour INTEGER NOT NULL, consumer TEXT NOT NULL, plan TEXT NOT NULL DEFAULT '',
+            api TEXT NOT NULL DEFAULT '', requests INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (hour, consumer, plan, api))""",
+        "CREATE INDEX usage_by_consumer ON usage (consumer, hour)",
+        """CREATE TABLE metric_series (
+            res INTEGER NOT NULL, ts INTEGER NOT NULL, route TEXT NOT NULL,
+            c0 INTEGER NOT NULL DEFAULT 0, c1 INTEGER NOT NULL DEFAULT 0, c2 INTEGER NOT NULL DEFAULT 0,
+            c3 INTEGER NOT NULL DEFAULT 0, c4 INTEGER NOT NULL DEFAULT 0, c5 INTEGER NOT NULL DEFAULT 0,
+            limited INTEGER NOT NULL DEFAULT 0, lat_sum_us INTEGER NOT NULL DEFAULT 0,
+            restarts INTEGER NOT NULL DEFAULT 0, reloads INTEGER NOT NULL DEFAULT 0,
+            b0 INTEGER NOT NULL DEFAULT 0, b1 INTEGER NOT NULL DEFAULT 0, b2 INTEGER NOT NULL DEFAULT 0,
+            b3 INTEGER NOT NULL DEFAULT 0, b4 INTEGER NOT NULL DEFAULT 0, b5 INTEGER NOT NULL DEFAULT 0,
+            b6 INTEGER NOT NULL DEFAULT 0, b7 INTEGER NOT NULL DEFAULT 0, b8 INTEGER NOT NULL DEFAULT 0,
+            b9 INTEGER NOT NULL DEFAULT 0, b10 INTEGER NOT NULL DEFAULT 0, b11 INTEGER NOT NULL DEFAULT 0,
+            b12 INTEGER NOT NULL DEFAULT 0, b13 INTEGER NOT NULL DEFAULT 0, b14 INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (res, ts, route))""",
+        "CREATE TABLE analytics_cursor (k TEXT PRIMARY KEY, v TEXT NOT NULL)",
+    ],
+    [  # 3: the developer portal's accounts (password hashes kept apart from `developers`) and sessions
+        """CREATE TABLE portal_accounts (
+            developer_id INTEGER PRIMARY KEY REFERENCES developers(id) ON DELETE CASCADE,
+            password_hash TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'pending', 'disabled')),
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE portal_sessions (
+            id INTEGER PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE,
+            developer_id INTEGER REFERENCES developers(id) ON DELETE CASCADE,
+            csrf TEXT NOT NULL, created_at TEXT NOT NULL, expires REAL NOT NULL)""",
+        "CREATE INDEX portal_sessions_by_expiry ON portal_sessions (expires)",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+ACTIVE_KEYS_SQL = """
+    SELECT c.username, c.custom_id, c.plan, c.groups, k.key_hash, k.id
+    FROM credentials k JOIN consumers c ON c.id = k.consumer_id
+    WHERE k.state = 'active' AND k.type = 'key-auth'"""
+"""What the workers load (control/directory.py): every active key hash with its consumer."""
+
+
+class StoreError(Exception):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(StoreError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(StoreError):
+    status = 409
+    code = "conflict"
+
+
+class ReadOnly(StoreError):
+    status = 409
+    code = "read_only"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key (the same as the config's `consumers[].keys`)."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "fg_" + secrets.token_urlsafe(32)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations this file lacks, in order, each in its own transaction."""
+    for number, statements in enumerate(MIGRATIONS, 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"the store's schema (v{version}) is newer than this fastgate's "
+                                 f"(v{SCHEMA_VERSION}): upgrade fastgate")
+            if version < number:
+                for sql in statements:
+                    conn.execute(sql)
+                conn.execute(f"PRAGMA user_version = {number}")
+                log.info("store: migrated to schema v%d", number)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _row(cur, row) -> dict:
+    return {d[0]: v for d, v in zip(cur.description, row, strict=True)}
+
+
+class Store:
+    """The control process's read-write handle. Not thread-safe: use it from one thread."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.exists(path):  # hashes only, but still nobody else's business
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        # one thread at a time (the admin API's event loop), though not always the one that opened it
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.version = migrate(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    @contextmanager
+    def tx(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def _one(self, sql: str, args=()) -> dict | None:
+        cur = self.conn.execute(sql, args)
+        row = cur.fetchone()
+        return _row(cur, row) if row is not None else None
+
+    def _all(self, sql: str, args=()) -> list[dict]:
+        cur = self.conn.execute(sql, args)
+        return [_row(cur, r) for r in cur.fetchall()]
+
+    def _audit(self, actor: str, action: str, entity: str, entity_id, before, after) -> None:
+        self.conn.execute(
+            "INSERT INTO audit (at, actor, action, entity, entity_id, before, after) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (now(), actor, action, entity, None if entity_id is None else str(entity_id),
+             None if before is None else json.dumps(before), None if after is None else json.dumps(after)))
+
+    def _insert(self, table: str, values: dict) -> int:
+        cols = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        try:
+            return self.conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(values.values())).lastrowid
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(_integrity(exc, table)) from None
+
+    def _update(self, table: str, id_: int, values: dict) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        try:
+            self.conn.execute(f"UPDATE {table} SET {sets} WHERE id = ?", (*values.values(), id_))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(_integrity(exc, table)) from None
+
+    def _delete(self, table: str, id_: int) -> None:
+        try:
+            self.conn.execute(f"DELETE FROM {table} WHERE id = ?", (id_,))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"this {table[:-1]} is still referenced: delete what uses it first") from None
+
+    # --- developers -------------------------------------------------------------------------------
+    def list_developers(self) -> list[dict]:
+        return self._all("SELECT * FROM developers ORDER BY id")
+
+    def get_developer(self, id_: int) -> dict:
+        d = self._one("SELECT * FROM developers WHERE id = ?", (id_,))
+        if d is None:
+            raise NotFound(f"no developer {id_}")
+        return d
+
+    def create_developer(self, actor: str, email: str, name: str | None = None) -> dict:
+        with self.tx():
+            t = now()
+            id_ = self._insert("developers", {"email": email, "name": name, "created_at": t, "updated_at": t})
+            after = self.get_developer(id_)
+            self._audit(actor, "create", "developer", id_, None, after)
+        return after
+
+    def update_developer(self, actor: str, id_: int, changes: dict) -> dict:
+        return self._simple_update(actor, "developer", self.get_developer, id_, changes)
+
+    def delete_developer(self, actor: str, id_: int) -> None:
+        self._simple_delete(actor, "developer", self.get_developer, id_)
+
+    # --- apps -------------------------------------------------------------------------------------
+    def list_apps(self) -> list[dict]:
+        return self._all("SELECT * FROM apps ORDER BY id")
+
+    def get_app(self, id_: int) -> dict:
+        a = self._one("SELECT * FROM apps WHERE id = ?", (id_,))
+        if a is None:
+            raise NotFound(f"no app {id_}")
+        return a
+
+    def create_app(self, actor: str, name: str, developer_id: int | None = None,
+                   description: str | None = None) -> dict:
+        with self.tx():
+            if developer_id is not None:
+                self.get_developer(developer_id)
+            t = now()
+            id_ = self._insert("apps", {"name": name, "developer_id": developer_id, "description": description,
+                                        "created_at": t, "updated_at": t})
+            after = self.get_app(id_)
+            self._audit(actor, "create", "app", id_, None, after)
+        return after
+
+    def update_app(self, actor: str, id_: int, changes: dict) -> dict:
+        if changes.get("developer_id") is not None:
+            self.get_developer(changes["developer_id"])
+        return self._simple_update(actor, "app", self.get_app, id_, changes)
+
+    def delete_app(self, actor: str, id_: int) -> None:
+        self._simple_delete(actor, "app", self.get_app, id_)
+
+    # --- plans ------------------------------------------------------------------------------------
+    @staticmethod
+    def _plan_out(p: dict) -> dict:
+        spec = json.loads(p.pop("spec") or "{}")
+        p["rate_limits"] = spec.get("rate_limits", [])
+        p["quotas"] = spec.get("quotas", [])
+        p["read_only"] = p["source"] == "config"
+        return p
+
+    def list_plans(self) -> list[dict]:
+        return [self._plan_out(p) for p in self._all("SELECT * FROM plans ORDER BY id")]
+
+    def get_plan(self, name: str) -> dict:
+        p = self._one("SELECT * FROM plans WHERE name = ?", (name,))
+        if p is None:
+            raise NotFound(f"no plan `{name}`")
+        return self._plan_out(p)
+
+    def create_plan(self, actor: str, name: str, description: str | None = None, rate_limits=(), quotas=(),
+                    source: str = "api") -> dict:
+        with self.tx():
+            t = now()
+            spec = json.dumps({"rate_limits": list(rate_limits), "quotas": list(quotas)})
+            self._insert("plans", {"name": name, "description": description, "spec": spec, "source": source,
+                                   "created_at": t, "updated_at": t})
+            after = self.get_plan(name)
+            self._audit(actor, "create", "plan", name, None, after)
+        return after
+
+    def update_plan(self, actor: str, name: str, changes: dict) -> dict:
+        with self.tx():
+            before = self.get_plan(name)
+            _writable(before, "plan")
+            spec = {"rate_limits": changes.pop("rate_limits", before["rate_limits"]),
+                    "quotas": changes.pop("quotas", before["quotas"])}
+            self._update("plans", before["id"], {**changes, "spec": json.dumps(spec), "updated_at": now()})
+            after = self.get_plan(changes.get("name", name))
+            self._audit(actor, "update", "plan", name, before, after)
+        return after
+
+    def delete_plan(self, actor: str, name: str) -> None:
+        with self.tx():
+            before = self.get_plan(name)
+            _writable(before, "plan")
+            if self._one("SELECT id FROM consumers WHERE plan = ? LIMIT 1", (name,)):
+                raise Conflict(f"consumers are on plan `{name}`: move them to another plan first")
+            self._delete("plans", before["id"])
+            self._audit(actor, "delete", "plan", name, before, None)
+
+    # --- consumers --------------------------------------------------------------------------------
+    @staticmethod
+    def _consumer_out(c: dict) -> dict:
+        c["groups"] = json.loads(c["groups"])
+        c["read_only"] = c["source"] == "config"
+        return c
+
+    def list_consumers(self) -> list[dict]:
+        return [self._consumer_out(c) for c in self._all("SELECT * FROM consumers ORDER BY id")]
+
+    def get_consumer(self, username: str) -> dict:
+        c = self._one("SELECT * FROM consumers WHERE username = ?", (username,))
+        if c is None:
+            raise NotFound(f"no consumer `{username}`")
+        return self._consumer_out(c)
+
+    def _check_refs(self, plan: str | None, app_id: int | None) -> None:
+        if plan is not None and self._one("SELECT id FROM plans WHERE name = ?", (plan,)) is None:
+            raise NotFound(f"no plan `{plan}`")
+        if app_id is not None:
+            self.get_app(app_id)
+
+    def create_consumer(self, actor: str, username: str, custom_id: str | None = None, plan: str | None = None,
+                        groups=(), app_id: int | None = None) -> dict:
+        with self.tx():
+            self._check_refs(plan, app_id)
+            t = now()
+            self._insert("consumers", {"username": username, "custom_id": custom_id, "plan": plan,
+                                       "groups": json.dumps(sorted(set(groups))), "app_id": app_id,
+                                       "created_at": t, "updated_at": t})
+            after = self.get_consumer(username)
+            self._audit(actor, "create", "consumer", username, None, after)
+        return after
+
+    def update_consumer(self, actor: str, username: str, changes: dict) -> dict:
+        with self.tx():
+            before = self.get_consumer(username)
+            _writable(before, "consumer")
+            self._check_refs(changes.get("plan"), changes.get("app_id"))
+            if "groups" in changes:
+                changes["groups"] = json.dumps(sorted(set(changes["groups"])))
+            self._update("consumers", before["id"], {**changes, "updated_at": now()})
+            after = self.get_consumer(changes.get("username", username))
+            self._audit(actor, "update", "consumer", username, before, after)
+        return after
+
+    def delete_consumer(self, actor: str, username: str) -> None:
+        with self.tx():
+            before = self.get_consumer(username)
+            _writable(before, "consumer")
+            before["credentials"] = [k["id"] for k in self.list_credentials(username)]
+            self._delete("consumers", before["id"])  # its credentials go with it
+            self._audit(actor, "delete", "consumer", username, before, None)
+
+    # --- credentials ------------------------------------------------------------------------------
+    _CRED = """SELECT k.id, c.username AS consumer, k.type, substr(k.key_hash, 1, 23) AS identifier, k.state,
+                      k.created_at, k.rotated_at, k.revoked_at
+               FROM credentials k JOIN consumers c ON c.id = k.consumer_id"""
+
+    def list_credentials(self, username: str | None = None) -> list[dict]:
+        if username is None:
+            return self._all(self._CRED + " ORDER BY k.id")
+        self.get_consumer(username)
+        return self._all(self._CRED + " WHERE c.username = ? ORDER BY k.id", (username,))
+
+    def get_credential(self, id_: int) -> dict:
+        k = self._one(self._CRED + " WHERE k.id = ?", (id_,))
+        if k is None:
+            raise NotFound(f"no credential {id_}")
+        return k
+
+    def create_key(self, actor: str, username: str, key: str | None = None,
+                   taken: frozenset = frozenset()) -> tuple[dict, str]:
+        """A new API key for `username`: (the credential, the key — shown this once). `taken`: hashes
+        the config already gives to someone."""
+        key = key or new_key()
+        digest = hash_key(key)
+        if digest in taken:
+            raise Conflict("this key is already in use")
+        with self.tx():
+            consumer = self.get_consumer(username)
+            try:
+                id_ = self.conn.execute(
+                    "INSERT INTO credentials (consumer_id, type, key_hash, created_at) VALUES (?, 'key-auth', ?, ?)",
+                    (consumer["id"], digest, now())).lastrowid
+            except sqlite3.IntegrityError:
+                raise Conflict("this key is already in use") from None
+            after = self.get_credential(id_)
+            self._audit(actor, "create", "credential", id_, None, after)
+        return after, key
+
+    def rotate_key(self, actor: str, id_: int) -> tuple[dict, str]:
+        """Give credential `id_` a new key; the old one stops working at once."""
+        key = new_key()
+        with self.tx():
+            before = self.get_credential(id_)
+            if before["state"] != "active":
+                raise Conflict(f"credential {id_} is revoked")
+            self.conn.execute("UPDATE credentials SET key_hash = ?, rotated_at = ? WHERE id = ?",
+                              (hash_key(key), now(), id_))
+            after = self.get_credential(id_)
+            self._audit(actor, "rotate", "credential", id_, before, after)
+        return after, key
+
+    def revoke_key(self, actor: str, id_: int) -> dict:
+        with self.tx():
+            before = self.get_credential(id_)
+            if before["state"] == "revoked":
+                return before
+            self.conn.execute("UPDATE credentials SET state = 'revoked', revoked_at = ? WHERE id = ?", (now(), id_))
+            after = self.get_credential(id_)
+            self._audit(actor, "revoke", "credential", id_, before, after)
+        return after
+
+    # --- subscriptions ----------------------------------------------------------------------------
+    _SUB = """SELECT s.id, s.app_id, p.name AS plan, s.state, s.created_at, s.updated_at
+              FROM subscriptions s JOIN plans p ON p.id = s.plan_id"""
+
+    def list_subscriptions(self, app_id: int | None = None) -> list[dict]:
+        if app_id is None:
+            return self._all(self._SUB + " ORDER BY s.id")
+        return self._all(self._SUB + " WHERE s.app_id = ? ORDER BY s.id", (app_id,))
+
+    def get_subscription(self, id_: int) -> dict:
+        s = self._one(self._SUB + " WHERE s.id = ?", (id_,))
+        if s is None:
+            raise NotFound(f"no subscription {id_}")
+        return s
+
+    def create_subscription(self, actor: str, app_id: int, plan: str, state: str = "pending") -> dict:
+        with self.tx():
+            self.get_app(app_id)
+            plan_id = self.get_plan(plan)["id"]
+            t = now()
+            id_ = self._insert("subscriptions", {"app_id": app_id, "plan_id": plan_id, "state": state,
+                                                 "created_at": t, "updated_at": t})
+            after = self.get_subscription(id_)
+            self._audit(actor, "create", "subscription", id_, None, after)
+        return after
+
+    def update_subscription(self, actor: str, id_: int, changes: dict) -> dict:
+        if "plan" in changes:
+            changes["plan_id"] = self.get_plan(changes.pop("plan"))["id"]
+        return self._simple_update(actor, "subscription", self.get_subscription, id_, changes)
+
+    def delete_subscription(self, actor: str, id_: int) -> None:
+        self._simple_delete(actor, "subscription", self.get_subscription, id_)
+
+    # --- audit ------------------------------------------------------------------------------------
+    def list_audit(self, limit: int = 100, entity: str | None = None, before_id: int | None = None) -> list[dict]:
+        where, args = [], []
+        if entity is not None:
+            where.append("entity = ?")
+            args.append(entity)
+        if before_id is not None:
+            where.append("id < ?")
+            args.append(before_id)
+        sql = "SELECT * FROM audit" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self._all(sql + " ORDER BY id DESC LIMIT ?", (*args, limit))
+        for r in rows:
+            r["before"] = json.loads(r["before"]) if r["before"] is not None else None
+            r["after"] = json.loads(r["after"]) if r["after"] is not None else None
+        return rows
+
+    def audit(self, actor: str, action: str, entity: str, entity_id=None, before=None, after=None) -> None:
+        """An audit row for a change made outside the store (a new config file, say)."""
+        with self.tx():
+            self._audit(actor, action, entity, entity_id, before, after)
+
+    # --- the declarative config -------------------------------------------------------------------
+    def sync_config(self, cfg, actor: str = "config") -> None:
+        """Copy the config's plans and consumers in as read-only rows (their keys stay in the config).
+        Rows the config no longer declares are deleted, unless something still refers to them (a
+        subscription to a plan): those are kept, with a warning."""
+        import msgspec
+
+        with self.tx():
+            t = now()
+            plans = {p.name: p for p in cfg.plans}
+            for name, p in plans.items():
+                spec = json.dumps({"rate_limits": msgspec.to_builtins(p.rate_limits),
+                                   "quotas": msgspec.to_builtins(p.quotas)})
+                row = self._one("SELECT * FROM plans WHERE name = ?", (name,))
+                if row is None:
+                    self._insert("plans", {"name": name, "spec": spec, "source": "config", "created_at": t,
+                                           "updated_at": t})
+                    self._audit(actor, "create", "plan", name, None, self.get_plan(name))
+                elif row["spec"] != spec or row["source"] != "config":
+                    before = self.get_plan(name)
+                    self._update("plans", row["id"], {"spec": spec, "source": "config", "updated_at": t})
+                    self._audit(actor, "update", "plan", name, before, self.get_plan(name))
+            consumers = {c.username: c for c in cfg.consumers}
+            for name, c in consumers.items():
+                values = {"custom_id": c.id, "plan": c.plan, "groups": json.dumps(sorted(set(c.groups))),
+                          "source": "config"}
+                row = self._one("SELECT * FROM consumers WHERE username = ?", (name,))
+                if row is None:
+                    self._insert("consumers", {"username": name, **values, "created_at": t, "updated_at": t})
+                    self._audit(actor, "create", "consumer", name, None, self.get_consumer(name))
+                elif any(row[k] != v for k, v in values.items()):
+                    before = self.get_consumer(name)
+                    self._update("consumers", row["id"], {**values, "updated_at": t})
+                    self._audit(actor, "update", "consumer", name, before, self.get_consumer(name))
+            for table, entity, names, key in (("consumers", "consumer", consumers, "username"),
+                                              ("plans", "plan", plans, "name")):
+                for row in self._all(f"SELECT * FROM {table} WHERE source = 'config'"):
+                    if row[key] in names:
+                        continue
+                    before = self.get_consumer(row[key]) if entity == "consumer" else self.get_plan(row[key])
+                    try:
+                        self.conn.execute("SAVEPOINT drop_row")
+                        self.conn.execute(f"DELETE FROM {table} WHERE id = ?", (row["id"],))
+                        self.conn.execute("RELEASE drop_row")
+                    except sqlite3.IntegrityError:
+                        self.conn.execute("ROLLBACK TO drop_row")
+                        self.conn.execute("RELEASE drop_row")
+                        log.warning("store: %s `%s` left the config but is still in use: kept", entity, row[key])
+                        continue
+                    self._audit(actor, "delete", entity, row[key], before, None)
+
+    # --- the developer portal ---------------------------------------------------------------------
+    _ACCOUNT = """SELECT d.id, d.email, d.name, a.password_hash, a.state, a.created_at
+                  FROM portal_accounts a JOIN developers d ON d.id = a.developer_id"""
+
+    def create_portal_developer(self, actor: str, email: str, name: str | None, password_hash: str,
+                                state: str = "active") -> dict:
+        """A developer who signs in to the portal: the `developers` row and its account, together."""
+        with self.tx():
+            t = now()
+            id_ = self._insert("developers", {"email": email, "name": name, "created_at": t, "updated_at": t})
+            self._insert("portal_accounts", {"developer_id": id_, "password_hash": password_hash, "state": state,
+                                             "created_at": t, "updated_at": t})
+            after = {**self.get_developer(id_), "portal_state": state}
+            self._audit(actor, "create", "developer", id_, None, after)
+        return after
+
+    def portal_account(self, email: str | None = None, developer_id: int | None = None) -> dict | None:
+        if developer_id is not None:
+            return self._one(self._ACCOUNT + " WHERE d.id = ?", (developer_id,))
+        return self._one(self._ACCOUNT + " WHERE d.email = ?", (email,))
+
+    def list_portal_accounts(self, state: str | None = None) -> list[dict]:
+        rows = self._all(self._ACCOUNT + (" WHERE a.state = ?" if state else "") + " ORDER BY d.id",
+                         (state,) if state else ())
+        for r in rows:
+            del r["password_hash"]
+        return rows
+
+    def set_portal_state(self, actor: str, developer_id: int, state: str) -> dict:
+        """Approve (`active`), hold (`pending`) or disable a portal account."""
+        with self.tx():
+            before = self.portal_account(developer_id=developer_id)
+            if before is None:
+                raise NotFound(f"no portal account for developer {developer_id}")
+            self.conn.execute("UPDATE portal_accounts SET state = ?, updated_at = ? WHERE developer_id = ?",
+                              (state, now(), developer_id))
+            if state != "active":
+                self.conn.execute("DELETE FROM portal_sessions WHERE developer_id = ?", (developer_id,))
+            before.pop("password_hash")
+            after = {**before, "state": state}
+            self._audit(actor, "update", "portal_account", developer_id, before, after)
+        return after
+
+    def create_session(self, developer_id: int | None, ttl: float) -> tuple[str, dict]:
+        """A portal session: (its token — for the cookie, stored only hashed —, the row). Expired
+        sessions are swept on the way."""
+        token = secrets.token_urlsafe(32)
+        t = time.time()
+        with self.tx():
+            self.conn.execute("DELETE FROM portal_sessions WHERE expires < ?", (t,))
+            self.conn.execute(
+                "INSERT INTO portal_sessions (token_hash, developer_id, csrf, created_at, expires) VALUES (?, ?, ?, ?, ?)",
+                (hash_key(token), developer_id, secrets.token_urlsafe(32), now(), t + ttl))
+        return token, self.get_session(token)
+
+    def get_session(self, token: str) -> dict | None:
+        return self._one("SELECT * FROM portal_sessions WHERE token_hash = ? AND expires >= ?",
+                         (hash_key(token), time.time()))
+
+    def delete_session(self, token: str) -> None:
+        with self.tx():
+            self.conn.execute("DELETE FROM portal_sessions WHERE token_hash = ?", (hash_key(token),))
+
+    def list_apps_of(self, developer_id: int) -> list[dict]:
+        return self._all("SELECT * FROM apps WHERE developer_id = ? ORDER BY id", (developer_id,))
+
+    def app_consumer(self, app_id: int) -> dict | None:
+        """The consumer that carries an app's keys (the first one made for it through the API)."""
+        c = self._one("SELECT * FROM consumers WHERE app_id = ? AND source = 'api' ORDER BY id LIMIT 1", (app_id,))
+        return self._consumer_out(c) if c is not None else None
+
+    # --- shared helpers ---------------------------------------------------------------------------
+    def _simple_update(self, actor: str, entity: str, get, id_: int, changes: dict) -> dict:
+        with self.tx():
+            before = get(id_)
+            if changes:
+                self._update(entity + "s", id_, {**changes, "updated_at": now()})
+            after = get(id_)
+            self._audit(actor, "update", entity, id_, before, after)
+        return after
+
+    def _simple_delete(self, actor: str, entity: str, get, id_: int) -> None:
+        with self.tx():
+            before = get(id_)
+            self._delete(entity + "s", id_)
+            self._audit(actor, "delete", entity, id_, before, None)
+
+
+def _writable(row: dict, what: str) -> None:
+    if row.get("source") == "config":
+        raise ReadOnly(f"this {what} is declared in the config file: change it there (POST /config)")
+
+
+def _integrity(exc: sqlite3.IntegrityError, table: str) -> str:
+    msg = str(exc)
+    if "UNIQUE" in msg:
+        return f"a {table[:-1]} with this {msg.rsplit('.', 1)[-1]} already exists"
+    if "FOREIGN KEY" in msg:
+        return "refers to something that does not exist"
+    return msg
