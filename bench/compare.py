@@ -196,7 +196,8 @@ def spread_script(tmp: Path, n: int) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenario", choices=["proxy", "routes", "memory", "all"], default="all")
+    ap.add_argument("--scenario", choices=["proxy", "routes", "memory", "ratelimit", "gateway", "jwt", "all"],
+                    default="all")
     ap.add_argument("--idle-clients", type=int, default=10000)
     ap.add_argument("--million", type=int, default=1_000_000, help="requests for the RSS check")
     ap.add_argument("--rounds", type=int, default=5)
@@ -261,6 +262,12 @@ def main() -> int:
             sections.append(("Route table size (requests spread over every route)",
                              table(results, "fastgate, 10 routes"),
                              "worker RSS after the run: " + ", ".join(f"{k}: {v} MB" for k, v in rss.items())))
+        if args.scenario in ("ratelimit", "all"):
+            sections.append(ratelimit_section(tmp, up_port, args, procs))
+        if args.scenario in ("gateway", "all"):
+            sections.append(gateway_section(tmp, up_port, args, procs))
+        if args.scenario in ("jwt", "all"):
+            sections.append(jwt_section(tmp, up_port, args, procs))
         if args.scenario in ("memory", "all"):
             sections.append(memory_section(tmp, up_port, args, procs))
     finally:
@@ -274,6 +281,165 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     write_results(Path(args.results), command, args, sections)
     return 0
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("the ratelimit scenario needs redis-server: apt-get install redis-server")
+    p = subprocess.Popen(["taskset", "-c", "1", exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+    wait_port(port)
+    return p, port
+
+
+RATE = 10_000_000  # high enough that nothing is refused: the bench measures what the check costs
+
+
+def ratelimit_section(tmp: Path, up_port: int, args, procs) -> tuple[str, str, str]:
+    """nginx limit_req vs fastgate with no limit, local counters, and Redis lease mode."""
+    redis, redis_port = start_redis(tmp)
+    procs.append(redis)
+    ng_port = free_port()
+    ng = start_nginx(tmp, ng_port, args.subject_cpu, upstream_port=up_port,
+                     extra_http=f"limit_req_zone $binary_remote_addr zone=rl:10m rate={RATE}r/s;",
+                     location="location / { limit_req zone=rl burst=1000 nodelay; proxy_pass http://backend; "
+                              "proxy_http_version 1.1; proxy_set_header Connection \"\"; }")
+    procs.append(ng)
+    base = f"limits: {{keepalive_requests: 100000}}\nupstreams:\n  - {{name: u, targets: [{{address: \"127.0.0.1:{up_port}\"}}]}}\n"
+    policy = f"[{{type: rate-limit, rate: {RATE}, per: 1, burst: 1000, key: ip%s}}]"
+    configs = {
+        "fastgate, no limit": base + "routes:\n  - {name: r, paths: [\"/*\"], upstream: u}\n",
+        "fastgate, local counters": base + "routes:\n  - {name: r, paths: [\"/*\"], upstream: u, policies: "
+        + policy % "" + "}\n",
+        "fastgate, Redis lease mode": base + f"counters: {{redis: {{url: \"redis://127.0.0.1:{redis_port}/0\", "
+        "mode: lease, lease_size: 100}}\nroutes:\n  - {name: r, paths: [\"/*\"], upstream: u, policies: "
+        + policy % ", backend: redis" + "}\n",
+        "fastgate, Redis exact mode": base + f"counters: {{redis: {{url: \"redis://127.0.0.1:{redis_port}/0\", "
+        "mode: exact}}\nroutes:\n  - {name: r, paths: [\"/*\"], upstream: u, policies: "
+        + policy % ", backend: redis" + "}\n",
+    }
+    subjects = [Subject("nginx proxy + limit_req", ng_port, ng, lambda: children(ng.pid))]
+    for name, text in configs.items():
+        port = free_port()
+        p = start_fastgate(tmp, port, text, args.subject_cpu)
+        procs.append(p)
+        subjects.append(Subject(name, port, p, lambda p=p: children(p.pid)))
+    results = {s.name: [] for s in subjects}
+    for rnd in range(args.rounds):
+        for s in subjects:
+            r = measure(s, args.duration, args.connections, args.load_cpu)
+            results[s.name].append(r)
+            print(f"round {rnd + 1} {s.name}: {r['rps']:,.0f} req/s user {r['user_us']:.1f} µs "
+                  f"errors {r['non2xx'] + r['sockerr']}", flush=True)
+    rps = {k: med(v, "rps") for k, v in results.items()}
+    local = rps["fastgate, local counters"] / rps["fastgate, no limit"]
+    lease = rps["fastgate, Redis lease mode"] / rps["nginx proxy + limit_req"]
+    exact = rps["fastgate, Redis exact mode"] / rps["nginx proxy + limit_req"]
+    return ("Rate limiting (nothing refused: the cost of the check)", table(results, "nginx proxy + limit_req"),
+            f"local counters vs the same route without a limit: {local:.3f}× throughput (target ≥ 0.95). "
+            f"Redis lease mode vs nginx limit_req: {lease:.3f}× (target ≥ 0.85). "
+            f"Redis exact mode (one Lua call per request) vs nginx limit_req: {exact:.3f}×. "
+            "redis-server runs on the load generator's core.")
+
+
+def interleave(subjects, args, script=None) -> dict:
+    results = {s.name: [] for s in subjects}
+    for rnd in range(args.rounds):
+        for s in subjects:
+            r = measure(s, args.duration, args.connections, args.load_cpu, script)
+            results[s.name].append(r)
+            print(f"round {rnd + 1} {s.name}: {r['rps']:,.0f} req/s user {r['user_us']:.1f} µs "
+                  f"errors {r['non2xx'] + r['sockerr']}", flush=True)
+    return results
+
+
+KEYS = 1000
+
+
+def gateway_section(tmp: Path, up_port: int, args, procs) -> tuple[str, str, str]:
+    """The API-gateway job: key auth over 1,000 consumers + a rate limit + an added response header
+    (+ analytics on for fastgate: its metrics listener), beside nginx doing the same with a `map`
+    of 1,000 keys, `limit_req` and `add_header`. Every request passes (the limits are high)."""
+    import hashlib
+
+    script = tmp / "keys.lua"
+    script.write_text(f"counter = 0\nrequest = function()\n  counter = counter + 1\n"
+                      f"  wrk.headers[\"apikey\"] = \"key\" .. (counter % {KEYS})\n"
+                      f"  return wrk.format(nil, \"/\")\nend\n")
+    entries = "".join(f'    "key{i}" c{i};\n' for i in range(KEYS))
+    ng_port = free_port()
+    ng = start_nginx(tmp, ng_port, args.subject_cpu, upstream_port=up_port,
+                     extra_http=(f"map $http_apikey $consumer {{\n    default \"\";\n{entries}  }}\n"
+                                 f"  limit_req_zone $consumer zone=gw:10m rate={RATE}r/s;"),
+                     location=("location / { if ($consumer = \"\") { return 401; } "
+                               "limit_req zone=gw burst=1000 nodelay; add_header X-Gateway bench always; "
+                               "proxy_set_header X-Consumer-Username $consumer; proxy_pass http://backend; "
+                               "proxy_http_version 1.1; proxy_set_header Connection \"\"; }"))
+    procs.append(ng)
+    consumers = "".join(f"  - {{username: c{i}, keys: [\"sha256:{hashlib.sha256(b'key%d' % i).hexdigest()}\"]}}\n"
+                        for i in range(KEYS))
+    mport = free_port()
+    text = (f"limits: {{keepalive_requests: 100000}}\nlisteners:\n  - {{kind: proxy, port: 8000}}\n"
+            f"  - {{kind: metrics, port: {mport}}}\n"
+            f"upstreams:\n  - {{name: u, targets: [{{address: \"127.0.0.1:{up_port}\"}}]}}\n"
+            f"consumers:\n{consumers}"
+            "routes:\n  - {name: r, paths: [\"/*\"], upstream: u, policies: [{type: key-auth}, "
+            f"{{type: rate-limit, rate: {RATE}, per: 1, burst: 1000, key: consumer}}, "
+            "{type: response-headers, add: {X-Gateway: bench}}]}\n")
+    fg_port = free_port()
+    fg = start_fastgate(tmp, fg_port, text, args.subject_cpu)
+    procs.append(fg)
+    subjects = [Subject("nginx: map + limit_req + add_header", ng_port, ng, lambda: children(ng.pid)),
+                Subject("fastgate: key-auth + rate-limit + header + metrics", fg_port, fg,
+                        lambda: children(fg.pid))]
+    results = interleave(subjects, args, script)
+    rps = {k: med(v, "rps") for k, v in results.items()}
+    user = {k: med(v, "user_us") for k, v in results.items()}
+    names = list(rps)
+    return ("API gateway job (1,000 API keys, a rate limit, a response header)",
+            table(results, names[0]),
+            f"fastgate vs nginx: {rps[names[1]] / rps[names[0]]:.3f}× requests/s (target ≥ 0.9), "
+            f"{user[names[1]] / user[names[0]]:.2f}× user CPU per request (target ≤ 1.5).")
+
+
+def jwt_section(tmp: Path, up_port: int, args, procs) -> tuple[str, str, str]:
+    """JWT RS256 verification with the verified-token cache, beside nginx's plain proxy."""
+    import time as _time
+
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    tokens = [pyjwt.encode({"sub": f"u{i}", "exp": int(_time.time()) + 3600}, key, algorithm="RS256")
+              for i in range(100)]
+    script = tmp / "jwt.lua"
+    script.write_text("tokens = {" + ",".join(f'"{t}"' for t in tokens) + "}\ncounter = 0\n"
+                      "request = function()\n  counter = counter + 1\n"
+                      "  wrk.headers[\"Authorization\"] = \"Bearer \" .. tokens[(counter % 100) + 1]\n"
+                      "  return wrk.format(nil, \"/\")\nend\n")
+    ng_port, fg_port = free_port(), free_port()
+    ng = start_nginx(tmp, ng_port, args.subject_cpu, upstream_port=up_port)
+    procs.append(ng)
+    pem_yaml = pem.replace("\n", "\\n")
+    text = (f"limits: {{keepalive_requests: 100000}}\n"
+            f"upstreams:\n  - {{name: u, targets: [{{address: \"127.0.0.1:{up_port}\"}}]}}\n"
+            "routes:\n  - {name: r, paths: [\"/*\"], upstream: u, policies: [{type: jwt, keys: "
+            f"[{{algorithm: RS256, key: \"{pem_yaml}\"}}]}}]}}\n")
+    fg = start_fastgate(tmp, fg_port, text, args.subject_cpu)
+    procs.append(fg)
+    subjects = [Subject("nginx proxy (no auth)", ng_port, ng, lambda: children(ng.pid)),
+                Subject("fastgate: JWT RS256 (100 tokens, verified-token cache)", fg_port, fg,
+                        lambda: children(fg.pid))]
+    results = interleave(subjects, args, script)
+    rps = {k: med(v, "rps") for k, v in results.items()}
+    names = list(rps)
+    return ("JWT RS256 with the verified-token cache", table(results, names[0]),
+            f"fastgate vs nginx's plain proxy: {rps[names[1]] / rps[names[0]]:.3f}× requests/s (target ≥ 0.85).")
 
 
 def memory_section(tmp: Path, up_port: int, args, procs) -> tuple[str, str, str]:
