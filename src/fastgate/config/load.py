@@ -311,7 +311,8 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
     upstreams = {u.name for u in cfg.upstreams}
     plans = {p.name for p in cfg.plans}
     seen_keys: dict = {}
-    for path, r, api, _ver in all_routes(cfg):
+    issues += _version_issues(cfg)
+    for path, r, api, ver in all_routes(cfg):
         if r.upstream is not None and r.upstream not in upstreams:
             close = difflib.get_close_matches(r.upstream, list(upstreams), n=1)
             hint = f"did you mean `{close[0]}`?" if close else (
@@ -330,8 +331,10 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
                     if ref not in names:
                         issues.append(ConfigIssue(f"{path}.path_rewrite", f"`{{{ref}}}` is not a parameter of "
                                                   f"path `{pat}`", "params: " + (", ".join(names) or "none")))
+            # with versions picked by header or query, each version's routes share the paths
+            selector = ver.version if api is not None and api.version_by != "path" else None
             for host in r.hosts or [None]:
-                key = (host, base + pat, r.priority)
+                key = (host, base + pat, r.priority, selector)
                 methods = set(r.methods) or {"*"}
                 for other_path, other_methods in seen_keys.get(key, []):
                     if (methods == other_methods == {"*"}) or methods & other_methods - {"*"}:
@@ -350,6 +353,32 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue(f"$.consumers[{i}].plan", f"unknown plan `{c.plan}`",
                                       "defined: " + (", ".join(sorted(plans)) or "none")))
     return issues
+
+
+def _version_issues(cfg: Config) -> list[ConfigIssue]:
+    out = []
+    for a, api in enumerate(cfg.apis):
+        names = [v.version for v in api.versions]
+        out += _dupes(((f"$.apis[{a}].versions[{v}]", ver) for v, ver in enumerate(api.versions)), "version",
+                      lambda ver: ver.version)
+        for v, ver in enumerate(api.versions):
+            if ver.successor is not None and ver.successor not in names:
+                out.append(ConfigIssue(f"$.apis[{a}].versions[{v}].successor", f"unknown version `{ver.successor}`",
+                                       "versions: " + ", ".join(names)))
+        if api.version_by == "path":
+            for field in ("version_key", "default_version"):
+                if getattr(api, field) is not None:
+                    out.append(ConfigIssue(f"$.apis[{a}].{field}", "only used with version_by: header or query",
+                                           "set version_by, or remove it"))
+        elif api.default_version is not None:
+            states = {v.version: v.state for v in api.versions}
+            if api.default_version not in states:
+                out.append(ConfigIssue(f"$.apis[{a}].default_version", f"unknown version `{api.default_version}`",
+                                       "versions: " + ", ".join(names)))
+            elif states[api.default_version] == "draft":
+                out.append(ConfigIssue(f"$.apis[{a}].default_version", f"version `{api.default_version}` is a "
+                                       "draft (not routed)", "publish it, or name another version"))
+    return out
 
 
 LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")

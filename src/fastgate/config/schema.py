@@ -574,6 +574,11 @@ class Api(Base):
     name: Name
     versions: Annotated[list[ApiVersion], Meta(min_length=1)]
     base_path: str = ""
+    # how a request picks a version: by its routes' own paths (e.g. /v1/...), or, with the versions
+    # sharing paths, by a header (default `Api-Version`) or a query parameter (default `version`)
+    version_by: Literal["path", "header", "query"] = "path"
+    version_key: HeaderName | None = None
+    default_version: Name | None = None  # header/query: the version a request naming none gets
     policies: list[AnyPolicy] = []
     openapi: str | None = None  # an OpenAPI document (YAML or JSON file): the developer portal renders it
 

@@ -108,6 +108,68 @@ class Binding:
         return path
 
 
+class VersionSwitch:
+    """The router's value for a path that several versions of one API serve, picked per request by a
+    header or a query parameter (`version_by`); a request naming none gets the default version."""
+
+    __slots__ = ("api", "by_header", "key", "default", "versions")
+
+    def __init__(self, api, default: str | None):
+        self.api = api.name
+        self.by_header = api.version_by == "header"
+        self.key = (api.version_key or ("Api-Version" if self.by_header else "version")).lower().encode()
+        self.default = default.encode() if default is not None else None
+        self.versions: dict[bytes, list] = {}  # version → [(methods, Binding)]
+
+    def add(self, version: str, methods: tuple, binding: Binding) -> None:
+        self.versions.setdefault(version.encode(), []).append((frozenset(m.encode() for m in methods), binding))
+
+    def requested(self, headers, query: bytes) -> bytes | None:
+        if self.by_header:
+            key = self.key
+            for k, v in headers:
+                if len(k) == len(key) and k.lower() == key:
+                    return v.strip(b" \t")
+            return None
+        if query:
+            key = self.key + b"="
+            for part in query.split(b"&"):
+                if part.startswith(key):
+                    return part[len(key):]
+        return None
+
+    def select(self, method: bytes, headers, query: bytes):
+        """The Binding for the version asked for (or the default), or the error to answer 404 with."""
+        asked = self.requested(headers, query)
+        options = self.versions.get(asked if asked is not None else self.default)
+        if options is None:
+            return "no_route" if asked is None else "unknown_api_version"
+        for methods, b in options:
+            if not methods or method in methods or (method == b"HEAD" and b"GET" in methods):
+                return b
+        return "no_route"
+
+
+def _successor(api, ver) -> str:
+    """Where a deprecated or retired version's successor lives, for Link and the 410 document."""
+    if api.version_by == "query":
+        key = api.version_key or "version"
+        return f"{api.base_path or '/'}?{key}={ver.successor}"
+    if api.version_by == "header":
+        return api.base_path or "/"
+    return f"{api.base_path}/{ver.successor}"
+
+
+def _default_version(api) -> str | None:
+    if api.default_version is not None:
+        return api.default_version
+    for state in ("published", "deprecated"):
+        for ver in reversed(api.versions):
+            if ver.state == state:
+                return ver.version
+    return None
+
+
 def _compile_template(template: str, names: tuple) -> list:
     parts, i = [], 0
     while True:
@@ -176,6 +238,7 @@ class Generation:
         self.consumers = {c.username: ConsumerInfo(c.username, c.id, c.plan, c.groups) for c in cfg.consumers}
         self.directory = Directory.for_config(cfg)  # the store's keys; polled by the worker's tick
         entries = []
+        switches: dict[tuple, VersionSwitch] = {}
         self.routes: list[CompiledRoute] = []
         for _path, r, api, ver in all_routes(cfg):
             state = ver.state if ver is not None else "published"
@@ -190,13 +253,15 @@ class Generation:
                 if ver.sunset:
                     resp_add += f"Sunset: {ver.sunset}\r\n".encode()
                 if ver.successor:
-                    resp_add += f'Link: <{api.base_path}/{ver.successor}>; rel="successor-version"\r\n'.encode()
+                    resp_add += f'Link: <{_successor(api, ver)}>; rel="successor-version"\r\n'.encode()
             elif state == "retired":
                 from ..config.schema import Mock
 
                 doc = {"error": "api_retired", "api": api.name, "version": ver.version}
                 if ver.successor:
-                    doc["successor"] = f"{api.base_path}/{ver.successor}"
+                    doc["successor"] = _successor(api, ver)
+                    if api.version_by != "path":
+                        doc["successor_version"] = ver.successor
                 mock = _mock_response(Mock(status=410, json=doc))
                 group = None
             cr = CompiledRoute(r, group, mock, req_drop, req_add, resp_add, resp_remove,
@@ -214,7 +279,15 @@ class Generation:
             for pat in r.paths:
                 b = Binding(cr, base + pat, r.strip_path, r.path_rewrite)
                 for host in r.hosts or [None]:
-                    entries.append((host, methods, base + pat, r.priority, b))
+                    if api is not None and api.version_by != "path":
+                        key = (api.name, host, base + pat, r.priority)
+                        sw = switches.get(key)
+                        if sw is None:
+                            sw = switches[key] = VersionSwitch(api, _default_version(api))
+                            entries.append((host, (), base + pat, r.priority, sw))
+                        sw.add(ver.version, methods, b)
+                    else:
+                        entries.append((host, methods, base + pat, r.priority, b))
         self.router = Router(entries)
         timeouts = [cfg.limits.header_timeout, cfg.limits.keepalive_timeout, cfg.limits.body_timeout,
                     cfg.limits.send_timeout]

@@ -24,7 +24,7 @@ from .._core.headers import build_request_head, find_header, scan_request
 from .._core.router import normalize_path
 from ..errors import GatewayError, NoHealthyUpstream, UpstreamTimeout
 from ..policies.base import IDENTITY_HEADERS
-from .generation import HASH_COOKIE, HASH_HEADER, IDEMPOTENT
+from .generation import HASH_COOKIE, HASH_HEADER, IDEMPOTENT, VersionSwitch
 from .responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
 from .upstream import UpstreamProtocol, connect
 
@@ -414,18 +414,12 @@ class GatewayProtocol(asyncio.Protocol):
         ex.head_request = method == b"HEAD"
         found = gen.router.match(method, host, npath)
         if found is None:
-            if ex.upgrade is not None:
-                return self._reject(404, "no_route")
-            # a well-formed request nothing routes: answered in order, the connection kept
-            ex.local = self._error_bytes(ex, 404, "no_route", not ex.keep_alive)
-            self._phase = BODY
-            self._since = state.now
-            self._url = b""
-            self._headers = []
-            self._hbytes = 0
-            self._enqueue(ex)
-            return
+            return self._no_route(ex, "no_route")
         binding, params = found
+        if binding.__class__ is VersionSwitch:  # an API whose versions share paths: header or query picks
+            binding = binding.select(method, headers, query)
+            if binding.__class__ is str:
+                return self._no_route(ex, binding)
         ex.params = params
         route = binding.route
         ex.binding = binding
@@ -457,6 +451,18 @@ class GatewayProtocol(asyncio.Protocol):
         self._phase = BODY
         self._since = state.now
         self._url = b""  # ready for the next request on this connection (no on_message_begin hook)
+        self._headers = []
+        self._hbytes = 0
+        self._enqueue(ex)
+
+    def _no_route(self, ex: Exchange, error: str) -> None:
+        if ex.upgrade is not None:
+            return self._reject(404, error)
+        # a well-formed request nothing routes: answered in order, the connection kept
+        ex.local = self._error_bytes(ex, 404, error, not ex.keep_alive)
+        self._phase = BODY
+        self._since = self._state.now
+        self._url = b""
         self._headers = []
         self._hbytes = 0
         self._enqueue(ex)
