@@ -318,6 +318,9 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
             hint = f"did you mean `{close[0]}`?" if close else (
                 "defined: " + ", ".join(sorted(upstreams)) if upstreams else "define it under `upstreams`")
             issues.append(ConfigIssue(f"{path}.upstream", f"unknown upstream `{r.upstream}`", hint))
+        if r.canary is not None and r.canary.upstream not in upstreams:
+            issues.append(ConfigIssue(f"{path}.canary.upstream", f"unknown upstream `{r.canary.upstream}`",
+                                      "defined: " + (", ".join(sorted(upstreams)) or "none")))
         base = api.base_path if api is not None else ""
         for k, pat in enumerate(r.paths):
             try:

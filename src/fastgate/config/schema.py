@@ -542,6 +542,26 @@ class Mock(Base):
             raise ValueError("give either body or json, not both")
 
 
+class CanaryRollback(Base):
+    """Send nothing more to the canary when, over `window` seconds, it answered at least
+    `min_requests` times and its error share or its p99 latency (to the response head) is too high."""
+
+    window: Annotated[float, Meta(ge=1, le=86400)] = 60.0
+    min_requests: Count = 20
+    max_error_rate: Annotated[float, Meta(ge=0, le=1)] | None = 0.05  # share of 5xx answers (502/504 too)
+    max_p99: Seconds | None = None  # seconds to the upstream's response head
+
+
+class Canary(Base):
+    upstream: Name  # the canary's upstream (the route's own `upstream` is the stable one)
+    weight: Annotated[float, Meta(ge=0, le=100)] = 10.0  # percent of requests; 100 = blue-green switch
+    sticky: Literal["none", "cookie", "consumer", "ip"] = "none"
+    cookie: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")] = (
+        "fastgate_canary")
+    release: Name = "1"  # a new value starts afresh after a rollback
+    rollback: CanaryRollback | None = None
+
+
 class Route(Base):
     name: Name
     paths: Annotated[list[str], Meta(min_length=1)]
@@ -553,11 +573,16 @@ class Route(Base):
     strip_path: bool = False  # remove the pattern's static prefix (the part before `*`)
     path_rewrite: str | None = None  # template using the pattern's {params}, e.g. /v2/users/{id}
     preserve_host: bool = False  # send the client's Host upstream
+    canary: Canary | None = None  # part of the traffic to another upstream (server/canary.py)
     policies: list[AnyPolicy] = []
 
     def __post_init__(self):
         if (self.upstream is None) == (self.mock is None):
             raise ValueError("a route needs exactly one of `upstream` or `mock`")
+        if self.canary is not None and self.upstream is None:
+            raise ValueError("a canary needs the route to have an `upstream`")
+        if self.canary is not None and self.canary.upstream == self.upstream:
+            raise ValueError("the canary's upstream is the route's own")
         if self.strip_path and self.path_rewrite:
             raise ValueError("strip_path and path_rewrite exclude each other")
 

@@ -131,6 +131,7 @@ class Admin:
         self.config_path = config_path
         self.supervisor_pid = supervisor_pid
         self.config_key_hashes = frozenset(h for c in cfg.consumers for h in c.keys)
+        self.host = None  # the host's shared metrics (canary state), when analytics has them
 
     # --- helpers ----------------------------------------------------------------------------------
     @staticmethod
@@ -280,6 +281,31 @@ class Admin:
             out.append(doc)
         return JSONResponse(out)
 
+    def _canary_routes(self):
+        from ..config.load import all_routes
+
+        return {r.name: r for _p, r, _a, _v in all_routes(self.cfg) if r.canary is not None}
+
+    async def canaries(self, request: Request):
+        from ..server.canary import describe
+
+        table = self.host.table if self.host is not None else None
+        return JSONResponse([describe(table, r, r.upstream) for r in self._canary_routes().values()])
+
+    async def canary_reset(self, request: Request):
+        from ..server.canary import describe, reset
+
+        route = self._canary_routes().get(request.path_params["route"])
+        if route is None:
+            return err(404, "not_found", detail="no route of that name has a canary")
+        if self.host is None:
+            return err(409, "conflict", detail="no shared metrics here (the gateway is not running)")
+        was = reset(self.host.table, route)
+        if was:
+            self.store.audit(self.actor(request), "reset", "canary", route.name, {"rolled_back": True},
+                             {"rolled_back": False})
+        return JSONResponse(describe(self.host.table, route, route.upstream))
+
     async def upstreams(self, request: Request):
         return JSONResponse(msgspec.to_builtins(self.cfg.upstreams))
 
@@ -382,6 +408,10 @@ ENDPOINTS = [
     ("GET", "/apis", "apis", "The running config's APIs", None, 200),
     ("GET", "/routes", "routes", "The running config's routes", None, 200),
     ("GET", "/upstreams", "upstreams", "The running config's upstreams", None, 200),
+    ("GET", "/canaries", "canaries", "Routes with a canary: weight, state (active, off, rolled_back), the "
+     "rollback's reason and the current window's answers, errors and slow answers", None, 200),
+    ("POST", "/canaries/{route}/reset", "canary_reset", "Clear a rolled-back canary: traffic goes to it again",
+     None, 200),
     ("GET", "/config", "get_config", "The running config (the admin token redacted)", None, 200),
     ("POST", "/config", "post_config", "Validate a config (YAML, JSON or TOML by Content-Type); when valid, "
      "write it to the config file and reload. 422 lists every error with its path", None, 202),
@@ -483,6 +513,7 @@ async def _crash(request, exc: Exception):  # Starlette re-raises it afterwards:
 def create_app(store: Store, cfg, token: str | None, config_path: str | None = None,
                supervisor_pid: int | None = None, analytics=None):
     admin = Admin(store, cfg, config_path, supervisor_pid)
+    admin.host = getattr(analytics, "host", None)
     methods: dict[tuple[str, str], list[str]] = {}
     for method, path, handler, *_ in ENDPOINTS:
         if handler is not None:  # None: served by control/dashboard.py

@@ -16,6 +16,7 @@ from ..control.directory import Directory
 from ..metrics import RouteStats
 from ..policies.base import NO_POLICIES
 from .balancer import BALANCERS
+from .canary import Canary
 from .health import TargetHealth, run_active_checks
 from .responses import status_line
 from .upstream import Target
@@ -67,7 +68,7 @@ class UpstreamGroup:
 
 class CompiledRoute:
     __slots__ = ("stats", "name", "group", "mock", "preserve_host", "req_drop", "req_add", "resp_add",
-                 "resp_remove", "api", "version", "chain")
+                 "resp_remove", "api", "version", "chain", "canary")
 
     def __init__(self, r, group, mock, req_drop, req_add, resp_add, resp_remove, api=None, version=None):
         self.chain = NO_POLICIES  # the route's compiled policies (policies/base.py)
@@ -82,6 +83,7 @@ class CompiledRoute:
         self.resp_remove = resp_remove
         self.api = api
         self.version = version
+        self.canary = None  # server/canary.Canary: part of the traffic to another upstream
 
 
 class Binding:
@@ -222,7 +224,8 @@ def _header_policies(policies) -> tuple[frozenset, tuple, bytes, frozenset]:
 class Generation:
     """Everything a worker needs to serve one config, compiled once."""
 
-    def __init__(self, cfg: Config, number: int = 1, counters=None):
+    def __init__(self, cfg: Config, number: int = 1, counters=None, shared=None):
+        """`shared`: the host's shared metrics table (canary outcomes and rollback flags)."""
         from ..policies import load_builders
 
         load_builders(cfg)
@@ -240,6 +243,7 @@ class Generation:
         entries = []
         switches: dict[tuple, VersionSwitch] = {}
         self.routes: list[CompiledRoute] = []
+        self.canaries: list[Canary] = []
         for _path, r, api, ver in all_routes(cfg):
             state = ver.state if ver is not None else "published"
             if state == "draft":
@@ -266,6 +270,9 @@ class Generation:
                 group = None
             cr = CompiledRoute(r, group, mock, req_drop, req_add, resp_add, resp_remove,
                                api.name if api else None, ver.version if ver else None)
+            if r.canary is not None and group is not None:
+                cr.canary = Canary(r.name, r.canary, self.groups[r.canary.upstream], group, shared)
+                self.canaries.append(cr.canary)
             if state != "retired":
                 cr.chain = build_chain(attached(cfg, api, r),
                                        BuildContext(counters, r.name, cr.api, cfg, self.consumers, self.directory))

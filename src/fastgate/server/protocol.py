@@ -57,7 +57,7 @@ class Exchange:
                  "started", "last", "connecting", "local", "expect", "status", "consumer", "resp_extra",
                  "pending", "path", "query", "up_add", "claims", "body_parts", "held", "scratch", "client_ip",
                  "finished", "t0", "t_up", "t_head", "resp_drop", "capture", "cache_key", "trace",
-                 "upstream_bytes", "up_drop", "params", "host")
+                 "upstream_bytes", "up_drop", "params", "host", "group", "canary")
 
     def __init__(self, proto):
         self.proto = proto
@@ -107,6 +107,8 @@ class Exchange:
         self.up_drop = None  # lowercase request header names policies keep from the upstream
         self.params = ()  # the route pattern's captured {params}, in order
         self.host = b""  # the authority routed on: Host, or an absolute-form target's (RFC 9112 3.2.2)
+        self.group = None  # the UpstreamGroup proxied to: the route's, or its canary's
+        self.canary = None  # the route's Canary when this request went to the canary
         self.cache_key = None  # the proxy-cache policy's note between its request and response hooks
         self.capture = None  # upstream.Capture when a response hook needs the body (cache, transforms)
         self.resp_drop = None  # lowercase names of upstream response headers response hooks remove
@@ -644,6 +646,9 @@ class GatewayProtocol(asyncio.Protocol):
     def _finish(self, ex: Exchange) -> None:
         """The response to `ex` is complete: next request, idle, or close."""
         self._current = None
+        if ex.canary is not None:
+            ex.canary.record(ex.status or (int(ex.local[9:12]) if ex.local else 0),
+                             ex.t_head - ex.t_up if ex.t_head >= 0 else -1.0)
         metrics = self._state.metrics
         if metrics is not None and ex.t0:
             status = ex.status or (int(ex.local[9:12]) if ex.local else 0)
@@ -767,8 +772,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.pause_client_reading(P_DEAD)
 
     # --- upstream side ----------------------------------------------------------------------------
-    def _hash_key(self, ex: Exchange) -> bytes:
-        group = ex.route.group
+    def _hash_key(self, ex: Exchange, group) -> bytes:
         if group.hash_on == HASH_HEADER:
             return find_header(ex.headers, group.hash_key) or b""
         if group.hash_on == HASH_COOKIE:
@@ -781,9 +785,18 @@ class GatewayProtocol(asyncio.Protocol):
         return ex.client_ip  # the client real-ip found (the TCP peer otherwise)
 
     def _proxy(self, ex: Exchange) -> None:
-        group = ex.route.group
+        group = ex.group
+        if group is None:
+            route = ex.route
+            group = route.group
+            canary = route.canary
+            if canary is not None and canary.choose(ex, find_header(ex.headers, b"cookie"),
+                                                    ex.consumer.username.encode() if ex.consumer else None):
+                group = canary.group
+                ex.canary = canary
+            ex.group = group
         now = self._state.now
-        key = self._hash_key(ex) if group.hash_on >= 0 else None
+        key = self._hash_key(ex, group) if group.hash_on >= 0 else None
         target = group.balancer.pick(key, now, ex.excluded)
         if target is None and ex.excluded:
             target = group.balancer.pick(key, now)
@@ -802,7 +815,7 @@ class GatewayProtocol(asyncio.Protocol):
 
     async def _connect(self, ex: Exchange, target) -> None:
         try:
-            conn = await connect(self._loop, target, ex.route.group.connect_timeout)
+            conn = await connect(self._loop, target, ex.group.connect_timeout)
         except GatewayError as exc:
             ex.connecting = False
             if ex.target is target and self._current is ex and not self._closed:
@@ -883,7 +896,7 @@ class GatewayProtocol(asyncio.Protocol):
 
     def _retry_or_fail(self, ex: Exchange, target, exc: GatewayError, connect_failed: bool = False,
                        idle_reset: bool = False) -> None:
-        group = ex.route.group
+        group = ex.group
         replayable = ex.sent is not None and (ex.method in IDEMPOTENT or connect_failed or idle_reset)
         if not ex.responded and replayable and ex.attempt < group.retries and ex.upgrade is None:
             ex.attempt += 1
@@ -1117,7 +1130,7 @@ class GatewayProtocol(asyncio.Protocol):
             return
         ex = self._current
         if ex is not None and ex.local is None and (ex.conn is not None or ex.connecting):
-            group = ex.route.group
+            group = ex.group
             if group.total_timeout and now - ex.started > group.total_timeout:
                 self._timeout(ex, "upstream total timeout")
             elif ex.conn is not None and now - ex.last > group.read_timeout and not self._wpaused:

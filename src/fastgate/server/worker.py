@@ -58,7 +58,7 @@ class Worker:
     async def serve(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
         counters = await self._counters()
-        gen = Generation(self.cfg, self.number, counters)
+        gen = Generation(self.cfg, self.number, counters, shared=self.host_metrics.table)
         gen.start(loop)
         self.state = state = WorkerState(loop, gen, date_line(), os.urandom(8).hex().encode())
         state.metrics = WorkerMetrics(self.host_metrics)
@@ -120,6 +120,12 @@ class Worker:
             gauges["fastgate_counters_table_slots_used"] = [({}, table.used)]
             gauges["fastgate_counters_table_slots"] = [({}, table.capacity)]
             gauges["table_full"] = [({}, table.full_events)]
+        canaries = self.state.gen.canaries
+        if canaries:
+            gauges["fastgate_canary_weight_percent"] = [({"route": c.route}, 0 if c.rolled_back else c.share / 100)
+                                                        for c in canaries]
+            gauges["fastgate_canary_rolled_back"] = [({"route": c.route}, 1 if c.rolled_back else 0)
+                                                     for c in canaries]
         if self.redis is not None:
             r = self.redis
             gauges["fastgate_counters_redis_up"] = [({"worker": os.getpid()}, 1 if r.state == "up" else 0)]
@@ -176,6 +182,8 @@ class Worker:
         state.gen.sweep(now)
         if state.gen.directory is not None:
             state.gen.directory.poll(now)
+        for canary in state.gen.canaries:
+            canary.refresh()
         self._tick_handle = self.loop.call_later(state.gen.tick, self._tick)
 
     def drain(self) -> None:
