@@ -322,6 +322,22 @@ EnvName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z_]
 ParamName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.~\-]+$")]
 
 
+class AuthFailureLimit(Policy, tag="auth-failure-limit"):
+    """Brute-force protection: a client whose requests were answered 401 `max_failures` times within
+    one `window` is refused (429) for `block_for` seconds before any credential is looked at."""
+
+    max_failures: Count = 10
+    window: Seconds = 60.0
+    block_for: Seconds = 300.0
+    key: Literal["ip", "header"] = "ip"
+    header: HeaderName | None = None  # key: header — e.g. a client id some trusted edge sets
+    statuses: Annotated[list[Status], Meta(min_length=1)] = msgspec.field(default_factory=lambda: [401])
+
+    def __post_init__(self):
+        if (self.key == "header") != (self.header is not None):
+            raise ValueError("key: header needs `header`, and `header` needs key: header")
+
+
 class KeyAuth(Policy, tag="key-auth"):
     """An API key in a header (or, when allowed, a query parameter), matched by its SHA-256 hash
     against the consumers' `keys`."""
@@ -527,7 +543,7 @@ class Plugin(Policy, tag="plugin"):
     config: dict[str, Any] = {}
 
 
-AnyPolicy = RequestHeaders | ResponseHeaders | RateLimit | IpRestriction | RealIp | Cors | RequestSize | JsonThreat | UserAgent | RequestTermination | PlanLimits | ConcurrencyLimit | KeyAuth | BasicAuth | HmacAuth | Jwt | Introspection | Acl | RequireScopes | ProxyCache | ResponseBody | RequestTransformer | ResponseTransformer | OpenApiValidation | Plugin
+AnyPolicy = RequestHeaders | ResponseHeaders | RateLimit | AuthFailureLimit | IpRestriction | RealIp | Cors | RequestSize | JsonThreat | UserAgent | RequestTermination | PlanLimits | ConcurrencyLimit | KeyAuth | BasicAuth | HmacAuth | Jwt | Introspection | Acl | RequireScopes | ProxyCache | ResponseBody | RequestTransformer | ResponseTransformer | OpenApiValidation | Plugin
 
 
 # --- routes and APIs -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ MODULE_OF = {
     "basic-auth": "auth", "hmac-auth": "auth", "acl": "auth", "require-scopes": "auth", "jwt": "jwt",
     "introspection": "introspection", "proxy-cache": "cache", "response-body": "cache",
     "request-transformer": "transform", "response-transformer": "transform",
-    "openapi-validation": "openapi", "plugin": "plugin",
+    "openapi-validation": "openapi", "plugin": "plugin", "auth-failure-limit": "bruteforce",
 }
 
 
