@@ -339,6 +339,8 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
                                                   f"{other_path}", "give one of them a different priority"))
                         break
                 seen_keys.setdefault(key, []).append((path, methods))
+        if r.mock is not None and r.mock.openapi is not None:
+            issues += mock_example_issues(f"{path}.mock.openapi", r.mock.openapi)
         for h, host in enumerate(r.hosts):
             try:
                 Router([(host, (), "/", 0, None)])
@@ -350,6 +352,20 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue(f"$.consumers[{i}].plan", f"unknown plan `{c.plan}`",
                                       "defined: " + (", ".join(sorted(plans)) or "none")))
     return issues
+
+
+def mock_example_issues(path: str, m) -> list[ConfigIssue]:
+    """A `mock: {openapi: ...}` whose document, operation or example cannot be served."""
+    from ..openapi_examples import ExampleError, example_response
+    from ..policies.openapi import SpecError
+
+    try:
+        example_response(m.spec, m.operation, m.status, m.example, m.media_type)
+    except ExampleError as exc:
+        return [ConfigIssue(f"{path}.{exc.field}", str(exc), exc.hint)]
+    except SpecError as exc:
+        return [ConfigIssue(f"{path}.spec", str(exc), exc.hint or "fix the OpenAPI document")]
+    return []
 
 
 LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
