@@ -419,7 +419,7 @@ class OpenApiValidationPolicy:
     """Path, query, header and JSON body validation against an OpenAPI document (module doc)."""
 
     phase = "request"
-    __slots__ = ("spec", "fixed", "v_path", "v_query", "v_headers", "v_body", "status", "body_limit",
+    __slots__ = ("spec", "fixed", "prefixes", "v_path", "v_query", "v_headers", "v_body", "status", "body_limit",
                  "request_body")
 
     @staticmethod
@@ -437,6 +437,15 @@ class OpenApiValidationPolicy:
         except SpecError as exc:
             raise ValueError(f"openapi-validation: {exc}") from None
         self.fixed = self.spec.by_id[cfg.operation] if cfg.operation else None
+        # base paths a request path may carry before the document's templates: the `servers` ones, and
+        # the API's `base_path` when the policy is on an API's route (it may differ: `fastgate import
+        # --base-path`, or an API mounted elsewhere than its servers say)
+        self.prefixes = list(self.spec.prefixes)
+        api = getattr(ctx, "api", None)
+        for a in getattr(getattr(ctx, "config", None), "apis", ()):
+            base = a.base_path.rstrip("/")
+            if a.name == api and base and base not in self.prefixes:
+                self.prefixes.append(base)
         self.v_path = "path" in cfg.validate
         self.v_query = "query" in cfg.validate
         self.v_headers = "headers" in cfg.validate
@@ -448,7 +457,7 @@ class OpenApiValidationPolicy:
     def _paths(self, ex) -> list[str]:
         path = ex.path.decode("latin-1")
         paths = [path]
-        for prefix in self.spec.prefixes:
+        for prefix in self.prefixes:
             if path.startswith(prefix + "/"):
                 paths.append(path[len(prefix):])
         if ex.target_path:
