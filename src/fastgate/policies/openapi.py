@@ -135,6 +135,30 @@ def _prepare(doc: dict, v30: bool) -> dict:
     return doc
 
 
+_PREPARED: dict = {}
+
+
+def _prepared(path: str) -> tuple[bool, dict]:
+    """(is 3.0, the prepared document), parsed once while the file is unchanged: a route per operation
+    (`fastgate import` writes one) compiles each with `only`, and must not parse the file each time.
+    Nothing mutates the prepared document (validators compile from a shallow copy of its root)."""
+    try:
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    found = _PREPARED.get(key) if key is not None else None
+    if found is None:
+        raw = _load(path)
+        v30 = str(raw["openapi"]).startswith("3.0")
+        found = (v30, _prepare(raw, v30))
+        if key is not None:
+            if len(_PREPARED) >= 16:
+                _PREPARED.clear()
+            _PREPARED[key] = found
+    return found
+
+
 # --- compiled operations -----------------------------------------------------------------------------
 def _kind(doc, schema) -> tuple[str | None, str | None]:
     """(type, item type) a parameter's string values are coerced to."""
@@ -242,9 +266,8 @@ class CompiledSpec:
     def __init__(self, path: str, only: str | None = None):
         if fastjsonschema is None:
             raise SpecError("openapi-validation needs the fastjsonschema package", "pip install fastjsonschema")
-        raw = _load(path)
-        v30 = str(raw["openapi"]).startswith("3.0")
-        self.doc = doc = _prepare(raw, v30)
+        v30, self.doc = _prepared(path)
+        doc = self.doc
         self.dialect = DRAFT4 if v30 else DRAFT7
         self._validators: dict = {}
         self.operations: list[Operation] = []
