@@ -200,6 +200,8 @@ def _validation_issues(spec_path: str, ids: list[str], anonymous: bool) -> list[
             CompiledSpec(spec_path, op_id)
         except SpecError as exc:
             out.append(ConfigIssue(f"operationId `{op_id}`", str(exc), exc.hint or "fix the schema, or --no-validate"))
+    if len({i.message for i in out}) == 1 and len(out) > 1:  # one problem the whole document shares
+        out = []
     if not out or anonymous:
         out.append(ConfigIssue("#", str(first), first.hint or "fix the schema, or --no-validate"))
     return out
@@ -360,7 +362,7 @@ def merge(base: dict | None, fragment: dict) -> dict:
                                       f"($.upstreams[{ups[u['name']]}])", f"use `--upstream {u['name']}` alone "
                                       "to proxy to it, or choose another name"))
     if issues:
-        raise OpenApiImportError(issues)
+        raise OpenApiImportError(issues, "name clashes with the config")
     for key in ("upstreams", "apis"):
         if fragment.get(key):
             base[key] = list(base.get(key) or []) + copy.deepcopy(fragment[key])
