@@ -1,5 +1,5 @@
-"""The `fastgate` command: run | check | reload | stop | version | demo-upstream | tune, and the admin API's
-wrappers: consumers | keys | apis | usage."""
+"""The `fastgate` command: run | check | reload | stop | version | demo-upstream | tune | import, and the
+admin API's wrappers: consumers | keys | apis | usage."""
 from __future__ import annotations
 
 import argparse
@@ -110,6 +110,128 @@ def cmd_demo_upstream(args) -> int:
 
     run_demo_upstream(args.host, args.port)
     return 0
+
+
+# --- import ----------------------------------------------------------------------------------------
+def cmd_import(args) -> int:
+    """`fastgate import SPEC`: openapi_import.py builds; this reads and writes files and prints."""
+    import yaml
+
+    from .config.load import _format_of, parse_document
+    from .errors import OpenApiImportError
+    from .openapi_import import build, check_result, merge
+
+    upstream, target = args.upstream, None
+    if upstream is not None and "=" in upstream:
+        upstream, target = upstream.split("=", 1)
+    try:
+        imported = build(args.spec, name=args.name, version=args.api_version, base_path=args.base_path,
+                         upstream=upstream, upstream_target=target, mock=args.mock, validate=args.validate)
+        base = None
+        if args.admin:
+            _, base = _admin_call(args, "GET", "/config")
+            if (base.get("admin") or {}).get("token") == "<redacted>":
+                if not args.admin_token:
+                    raise SystemExit("fastgate: the running config has an admin token: give --admin-token")
+                base["admin"]["token"] = args.admin_token  # the one the API just accepted
+        elif args.into:
+            try:
+                with open(args.into, "rb") as f:
+                    base = parse_document(f.read(), _format_of(args.into))
+            except OSError as exc:
+                raise SystemExit(f"fastgate: cannot read {args.into}: {exc.strerror}") from None
+        result = merge(base, imported.config) if base is not None else imported.config
+        check_result(result, upstream)
+    except OpenApiImportError as exc:
+        print(f"{exc.source or args.spec}: {len(exc.issues)} problem(s), nothing written", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:  # --into: the file itself does not parse
+        _print_issues(exc)
+        return 1
+    for w in imported.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    n = len(imported.routes)
+    how = f"proxied to `{upstream}`" if "upstream" in (imported.routes[0] if n else {}) else \
+        f"mocks ({imported.no_example} without an example answer 501)"
+    api = imported.api
+    summary = (f"API `{api['name']}` version `{api['versions'][0]['version']}` at "
+               f"`{api.get('base_path') or '/'}`: {n} route(s), {how}; {imported.validated} validated")
+    if args.admin:
+        status, doc = _admin_call(args, "POST", "/config", result)
+        print(f"{summary}; POST /config: {status} {(doc or {}).get('status', '')}", file=sys.stderr)
+        return 0
+    text = yaml.safe_dump(result, sort_keys=False, allow_unicode=True)
+    out = args.output
+    if out is None and args.into:
+        out = args.into
+        fmt = _format_of(out)
+        if fmt == "toml":
+            raise SystemExit(f"fastgate: {out} is TOML, which cannot be written back: give -o FILE.yaml")
+        if fmt == "json":
+            import json
+
+            text = json.dumps(result, indent=2) + "\n"
+        _replace_file(out, text, backup=True)
+        print(f"{summary}; merged into {out} (the previous file is {out}.bak; comments are not kept)",
+              file=sys.stderr)
+        return 0
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        _replace_file(out, text, backup=False)
+    print(summary + (f"; written to {out}" if out else ""), file=sys.stderr)
+    return 0
+
+
+def _replace_file(path: str, text: str, backup: bool) -> None:
+    import shutil
+
+    from .control.admin import _write_atomically
+
+    if backup and os.path.exists(path):
+        shutil.copy2(path, path + ".bak")
+    if not os.path.exists(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return
+    _write_atomically(path, text.encode())
+
+
+def _add_import_parser(sub) -> None:
+    i = sub.add_parser("import", help="create an API with its routes from an OpenAPI 3.0/3.1 document",
+                       description="Create an API from an OpenAPI 3.0/3.1 document (YAML or JSON): a route per "
+                       "operation, mocks from its examples (or proxied to --upstream), request validation. "
+                       "Prints the config fragment (YAML) unless -o, --into or --admin say otherwise.")
+    i.add_argument("spec", help="the OpenAPI document")
+    i.add_argument("--name", help="the API's name (default: from info.title)")
+    i.add_argument("--version", dest="api_version", help="the API version (default: info.version)")
+    i.add_argument("--base-path", help="the API's base path (default: the path of servers[0].url)")
+    how = i.add_mutually_exclusive_group()
+    how.add_argument("--upstream", metavar="NAME[=HOST:PORT]",
+                     help="routes proxy to this upstream (defined here with =HOST:PORT, else it must exist)")
+    how.add_argument("--mock", action="store_true", help="routes answer with the document's examples (the "
+                     "default without --upstream)")
+    i.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
+                   help="add openapi-validation to operations with parameters or a body (default: on)")
+    i.add_argument("-o", "--output", metavar="FILE", help="write the YAML here (with --into: the merged config)")
+    where = i.add_mutually_exclusive_group()
+    where.add_argument("--into", metavar="CONFIG", help="merge into this config file (rewritten unless -o; "
+                       "name clashes are refused)")
+    where.add_argument("--admin", dest="admin_url", nargs="?", const=os.environ.get("FASTGATE_ADMIN_URL",
+                       DEFAULT_ADMIN_URL), default=None, metavar="URL",
+                       help="merge into the running config and POST it to the admin API (default URL: "
+                       f"$FASTGATE_ADMIN_URL or {DEFAULT_ADMIN_URL})")
+    i.add_argument("--admin-token", default=os.environ.get("FASTGATE_ADMIN_TOKEN"),
+                   help="the admin API's bearer token (env FASTGATE_ADMIN_TOKEN)")
+    i.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    i.set_defaults(func=lambda a: cmd_import(_with_admin_flag(a)))
+
+
+def _with_admin_flag(args):
+    args.admin = args.admin_url is not None
+    return args
 
 
 # --- admin API wrappers ------------------------------------------------------------------------------
@@ -325,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=9001)
     d.set_defaults(func=cmd_demo_upstream)
     add_tune_parser(sub, DEFAULT_CONFIG)
+    _add_import_parser(sub)
     _add_admin_parsers(sub)
     return p
 

@@ -33,6 +33,17 @@ class ConfigError(FastgateError, ValueError):
         super().__init__(head + f"{len(self.issues)} config error(s):\n" + "\n".join(f"  {i}" for i in self.issues))
 
 
+class OpenApiImportError(FastgateError, ValueError):
+    """`fastgate import` cannot turn an OpenAPI document into config; `.issues` lists every problem
+    (paths are JSON pointers into the document, `--option`s, or `$.…` paths of the resulting config)."""
+
+    def __init__(self, issues: list[ConfigIssue], source: str = ""):
+        self.issues = list(issues)
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + f"{len(self.issues)} problem(s):\n" + "\n".join(f"  {i}" for i in self.issues))
+
+
 class GatewayError(FastgateError):
     """An HTTP-facing failure: carries its status and a stable reason."""
 

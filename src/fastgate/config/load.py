@@ -345,6 +345,8 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
                                                   f"{other_path}", "give one of them a different priority"))
                         break
                 seen_keys.setdefault(key, []).append((path, methods))
+        if r.mock is not None and r.mock.openapi is not None:
+            issues += mock_example_issues(f"{path}.mock.openapi", r.mock.openapi)
         for h, host in enumerate(r.hosts):
             try:
                 Router([(host, (), "/", 0, None)])
@@ -382,6 +384,20 @@ def _version_issues(cfg: Config) -> list[ConfigIssue]:
                 out.append(ConfigIssue(f"$.apis[{a}].default_version", f"version `{api.default_version}` is a "
                                        "draft (not routed)", "publish it, or name another version"))
     return out
+
+
+def mock_example_issues(path: str, m) -> list[ConfigIssue]:
+    """A `mock: {openapi: ...}` whose document, operation or example cannot be served."""
+    from ..openapi_examples import ExampleError, example_response
+    from ..policies.openapi import SpecError
+
+    try:
+        example_response(m.spec, m.operation, m.status, m.example, m.media_type)
+    except ExampleError as exc:
+        return [ConfigIssue(f"{path}.{exc.field}", str(exc), exc.hint)]
+    except SpecError as exc:
+        return [ConfigIssue(f"{path}.spec", str(exc), exc.hint or "fix the OpenAPI document")]
+    return []
 
 
 LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")

@@ -547,15 +547,31 @@ AnyPolicy = RequestHeaders | ResponseHeaders | RateLimit | AuthFailureLimit | Ip
 
 
 # --- routes and APIs -------------------------------------------------------------------------------
+class MockExample(Base):
+    """A mock answered with an example of an OpenAPI 3.0/3.1 document (openapi_examples.py)."""
+
+    spec: Annotated[str, Meta(min_length=1)]  # a YAML or JSON file, relative to the working directory
+    operation: Annotated[str, Meta(min_length=1)]  # an operationId, or `GET /pets/{id}`
+    status: Status | None = None  # default: the lowest 2xx response with an example (or without content)
+    example: Annotated[str, Meta(min_length=1)] | None = None  # a name in `examples`; default: the first
+    media_type: Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\r\n]+$")] | None = None
+
+
 class Mock(Base):
     status: Status = 200
     headers: dict[HeaderName, str] = {}
     body: str | None = None
     json: Any = None
+    openapi: MockExample | None = None  # the body, status and Content-Type from an OpenAPI example
 
     def __post_init__(self):
         if self.body is not None and self.json is not None:
             raise ValueError("give either body or json, not both")
+        if self.openapi is not None:
+            if self.body is not None or self.json is not None:
+                raise ValueError("give either openapi or body/json, not both")
+            if self.status != 200:
+                raise ValueError("with openapi, choose the response with openapi.status")
 
 
 class CanaryRollback(Base):

@@ -135,6 +135,30 @@ def _prepare(doc: dict, v30: bool) -> dict:
     return doc
 
 
+_PREPARED: dict = {}
+
+
+def _prepared(path: str) -> tuple[bool, dict]:
+    """(is 3.0, the prepared document), parsed once while the file is unchanged: a route per operation
+    (`fastgate import` writes one) compiles each with `only`, and must not parse the file each time.
+    Nothing mutates the prepared document (validators compile from a shallow copy of its root)."""
+    try:
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    found = _PREPARED.get(key) if key is not None else None
+    if found is None:
+        raw = _load(path)
+        v30 = str(raw["openapi"]).startswith("3.0")
+        found = (v30, _prepare(raw, v30))
+        if key is not None:
+            if len(_PREPARED) >= 16:
+                _PREPARED.clear()
+            _PREPARED[key] = found
+    return found
+
+
 # --- compiled operations -----------------------------------------------------------------------------
 def _kind(doc, schema) -> tuple[str | None, str | None]:
     """(type, item type) a parameter's string values are coerced to."""
@@ -242,9 +266,8 @@ class CompiledSpec:
     def __init__(self, path: str, only: str | None = None):
         if fastjsonschema is None:
             raise SpecError("openapi-validation needs the fastjsonschema package", "pip install fastjsonschema")
-        raw = _load(path)
-        v30 = str(raw["openapi"]).startswith("3.0")
-        self.doc = doc = _prepare(raw, v30)
+        v30, self.doc = _prepared(path)
+        doc = self.doc
         self.dialect = DRAFT4 if v30 else DRAFT7
         self._validators: dict = {}
         self.operations: list[Operation] = []
@@ -419,7 +442,7 @@ class OpenApiValidationPolicy:
     """Path, query, header and JSON body validation against an OpenAPI document (module doc)."""
 
     phase = "request"
-    __slots__ = ("spec", "fixed", "v_path", "v_query", "v_headers", "v_body", "status", "body_limit",
+    __slots__ = ("spec", "fixed", "prefixes", "v_path", "v_query", "v_headers", "v_body", "status", "body_limit",
                  "request_body")
 
     @staticmethod
@@ -437,6 +460,15 @@ class OpenApiValidationPolicy:
         except SpecError as exc:
             raise ValueError(f"openapi-validation: {exc}") from None
         self.fixed = self.spec.by_id[cfg.operation] if cfg.operation else None
+        # base paths a request path may carry before the document's templates: the `servers` ones, and
+        # the API's `base_path` when the policy is on an API's route (it may differ: `fastgate import
+        # --base-path`, or an API mounted elsewhere than its servers say)
+        self.prefixes = list(self.spec.prefixes)
+        api = getattr(ctx, "api", None)
+        for a in getattr(getattr(ctx, "config", None), "apis", ()):
+            base = a.base_path.rstrip("/")
+            if a.name == api and base and base not in self.prefixes:
+                self.prefixes.append(base)
         self.v_path = "path" in cfg.validate
         self.v_query = "query" in cfg.validate
         self.v_headers = "headers" in cfg.validate
@@ -448,7 +480,7 @@ class OpenApiValidationPolicy:
     def _paths(self, ex) -> list[str]:
         path = ex.path.decode("latin-1")
         paths = [path]
-        for prefix in self.spec.prefixes:
+        for prefix in self.prefixes:
             if path.startswith(prefix + "/"):
                 paths.append(path[len(prefix):])
         if ex.target_path:

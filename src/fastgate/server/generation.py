@@ -189,7 +189,20 @@ def _compile_template(template: str, names: tuple) -> list:
 
 def _mock_response(m) -> tuple[bytes, bytes]:
     headers = {k.lower(): (k, v) for k, v in m.headers.items()}
-    if m.json is not None:
+    status = m.status
+    if m.openapi is not None:  # resolved here, once per generation (`fastgate check` ran the same code)
+        from ..openapi_examples import example_response
+        from ..policies.openapi import SpecError
+
+        o = m.openapi
+        try:
+            ex = example_response(o.spec, o.operation, o.status, o.example, o.media_type)
+        except SpecError as exc:
+            raise ValueError(f"mock.openapi: {exc}") from None
+        status, body = ex.status, ex.body
+        if ex.media_type is not None:
+            headers.setdefault("content-type", ("Content-Type", ex.media_type))
+    elif m.json is not None:
         body = orjson.dumps(m.json)
         headers.setdefault("content-type", ("Content-Type", "application/json"))
     else:
@@ -197,8 +210,8 @@ def _mock_response(m) -> tuple[bytes, bytes]:
         if body:
             headers.setdefault("content-type", ("Content-Type", "text/plain; charset=utf-8"))
     headers.pop("content-length", None)
-    head = status_line(m.status) + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.values())
-    if m.status >= 200 and m.status not in (204, 304):
+    head = status_line(status) + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.values())
+    if status >= 200 and status not in (204, 304):
         head += b"Content-Length: %d\r\n" % len(body)
     else:
         body = b""
