@@ -3,6 +3,8 @@ workers read (control/directory.py).
 
 Holds developers, apps, consumers, credentials, plans, subscriptions and an audit log. API keys are
 stored only as "sha256:<hex>" hashes: the key itself is returned once, by the call that made it.
+OAuth client secrets likewise. The OAuth signing keys (control/oauth.py) are here too, private parts
+included (PKCS#8 PEM): the file is created 0600, and must be kept like a key file.
 Consumers and plans declared in the config file are copied in (`sync_config`, source "config") and
 are read-only here: the file is where they change.
 
