@@ -1,5 +1,5 @@
 """The `fastgate` command: run | check | reload | stop | version | demo-upstream | tune | import, and the
-admin API's wrappers: consumers | keys | apis | usage."""
+admin API's wrappers: consumers | keys | apis | usage | oauth."""
 from __future__ import annotations
 
 import argparse
@@ -331,6 +331,32 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_oauth(args) -> int:
+    """`fastgate oauth keys` lists the OAuth signing keys; `fastgate oauth rotate-key` rotates them."""
+    import datetime
+
+    def when(t):
+        return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if t else None
+
+    if args.action == "keys":
+        _, doc = _admin_call(args, "GET", "/oauth-keys")
+        if args.json:
+            _print_json(doc)
+        else:
+            _table([{**k, "created_at": when(k["created_at"]), "drop_after": when(k["drop_after"])} for k in doc],
+                   ["kid", "alg", "state", "created_at", "drop_after"])
+        return 0
+    _, doc = _admin_call(args, "POST", "/oauth-keys/rotate")
+    if args.json:
+        _print_json(doc)
+        return 0
+    print(f"signing key {doc['kid']} ({doc['alg']}) is now active")
+    prev = doc.get("previous")
+    if prev:
+        print(f"{prev['kid']} stays in the JWKS until {when(prev['drop_after'])} (its last token's expiry + margin)")
+    return 0
+
+
 def cmd_apis(args) -> int:
     _, doc = _admin_call(args, "GET", "/apis")
     if args.json:
@@ -385,6 +411,9 @@ def _add_admin_parsers(sub) -> None:
     k.add_argument("action", choices=["create", "revoke", "rotate", "list"])
     k.add_argument("target", nargs="?", help="CONSUMER for create and list, the key's ID for revoke and rotate")
     k.set_defaults(func=cmd_keys)
+    o = sub.add_parser("oauth", parents=[common], help="OAuth signing keys: keys | rotate-key (admin API)")
+    o.add_argument("action", choices=["keys", "rotate-key"])
+    o.set_defaults(func=cmd_oauth)
     a = sub.add_parser("apis", parents=[common], help="list the running config's APIs (admin API)")
     a.add_argument("action", choices=["list"])
     a.set_defaults(func=cmd_apis)

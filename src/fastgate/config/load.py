@@ -353,6 +353,10 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
             except ValueError as exc:
                 issues.append(ConfigIssue(f"{path}.hosts[{h}]", str(exc), "e.g. api.example.com or *.example.com"))
     issues += admin_issues(cfg)
+    if cfg.oauth.enabled and not any(li.kind == "admin" for li in cfg.listeners):
+        issues.append(ConfigIssue("$.oauth.enabled", "the OAuth endpoints are served by the control process, "
+                                  "which runs only with an admin listener", "add {kind: admin, port: 8001} "
+                                  "(and a {kind: portal} listener to serve them publicly)"))
     for i, c in enumerate(cfg.consumers):
         if c.plan is not None and c.plan not in plans:
             issues.append(ConfigIssue(f"$.consumers[{i}].plan", f"unknown plan `{c.plan}`",

@@ -100,6 +100,37 @@ class Portal(Base):
     approval: bool = False  # developers who sign up wait for an admin's approval
 
 
+Scope = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[\x21\x23-\x5b\x5d-\x7e]+$")]  # RFC 6749 §3.3
+HttpUrl = Annotated[str, Meta(min_length=8, max_length=2048, pattern=r"^https?://[^\s/?#]+$")]
+
+
+class OAuth(Base):
+    """fastgate as an OAuth 2.0 authorization server for apps (client credentials grant, RFC 6749
+    §4.4), served by the control process (control/oauth.py): on the portal listener, or on the
+    admin listener when there is no portal listener. Signing keys are made by the control process
+    and kept in the store (private keys included: protect the SQLite file like a key file)."""
+
+    enabled: bool = False
+    # the `iss` of every token and the base of the published endpoints: scheme://host[:port] as
+    # clients reach the listener, without a path (RFC 8414 §2: no query or fragment either)
+    issuer: HttpUrl | None = None
+    audience: Annotated[str, Meta(min_length=1, max_length=2048)] | Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=2048)]], Meta(min_length=1)] | None = None
+    token_lifetime: Annotated[float, Meta(ge=60, le=86400)] = 3600.0  # `exp` - `iat`
+    algorithm: Literal["RS256", "ES256"] = "RS256"  # RS256: what every verifier supports, and cheap to verify
+    # a retired key stays published until every token it signed has expired, plus this margin (the
+    # verifiers' clock leeway: the jwt policy's default is 30 s)
+    overlap_margin: Annotated[float, Meta(ge=0, le=86400)] = 60.0
+    scopes: list[Scope] = []  # scopes_supported; when given, a client may only be allowed these
+
+    def __post_init__(self):
+        if self.enabled and self.issuer is None:
+            raise ValueError("oauth.enabled needs `issuer` (the URL clients reach the token endpoint at, "
+                             "e.g. https://auth.example.com)")
+        if self.enabled and self.audience is None:
+            raise ValueError("oauth.enabled needs `audience` (the `aud` of every token: your API's identifier)")
+
+
 # --- upstreams -------------------------------------------------------------------------------------
 class Target(Base):
     address: Annotated[str, Meta(min_length=3)]  # host:port
@@ -411,6 +442,9 @@ class Jwt(Policy, tag="jwt"):
     consumer_claim: str = "sub"
     required_scopes: list[str] = []
     cache_size: Count = 10000
+    # refuse tokens whose `jti` was revoked in the store (POST /oauth/revoke on this gateway's own
+    # authorization server): a set lookup per request, the set reloaded with the store's keys
+    check_revoked: bool = False
 
     def __post_init__(self):
         if not self.keys and not self.jwks_url:
@@ -704,6 +738,7 @@ class Config(Base):
     store: Store = Store()
     admin: Admin = Admin()
     portal: Portal = Portal()
+    oauth: OAuth = OAuth()
     upstreams: list[Upstream] = []
     routes: list[Route] = []
     apis: list[Api] = []

@@ -4,6 +4,8 @@ JSON in and out, bearer-token authenticated. CRUD on consumers, credentials (a k
 the call that made it), developers, apps, plans and subscriptions in the store; read views of the
 running config's APIs, routes and upstreams; `POST /config` validates a new declarative config and,
 when it is valid, writes the config file and asks the supervisor to reload (SIGHUP); `GET /audit`.
+With `oauth.enabled`: apps' OAuth 2.0 client credentials (the secret shown once) and the signing
+keys' rotation (control/oauth.py).
 Request bodies are msgspec Structs, which also give the OpenAPI document its schemas.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..config.schema import Name, Quota, RateLimitSpec
+from ..config.schema import Name, Quota, RateLimitSpec, Scope
 from ..errors import ConfigError
 from .store import Store, StoreError
 
@@ -106,8 +108,17 @@ class SubscriptionUpdate(In):
     state: SubState | UnsetType = UNSET
 
 
+class OAuthClientCreate(In):
+    scopes: list[Scope] = []  # what the client may ask for (within oauth.scopes, when the config lists them)
+
+
+class OAuthClientUpdate(In):
+    scopes: list[Scope]
+
+
 BODIES = [ConsumerCreate, ConsumerUpdate, CredentialCreate, DeveloperCreate, DeveloperUpdate, AppCreate, AppUpdate,
-          PlanCreate, PlanUpdate, SubscriptionCreate, SubscriptionUpdate]
+          PlanCreate, PlanUpdate, SubscriptionCreate, SubscriptionUpdate, OAuthClientCreate, OAuthClientUpdate]
+OPTIONAL_BODIES = (CredentialCreate, OAuthClientCreate)
 
 
 def _changes(body: In) -> dict:
@@ -118,6 +129,11 @@ class BadBody(Exception):
     pass
 
 
+class OAuthDisabled(StoreError):
+    status = 409
+    code = "oauth_disabled"
+
+
 def err(status: int, error: str, **fields) -> JSONResponse:
     return JSONResponse({"error": error, **fields}, status)
 
@@ -125,8 +141,10 @@ def err(status: int, error: str, **fields) -> JSONResponse:
 class Admin:
     """The endpoints, over one store and the running config."""
 
-    def __init__(self, store: Store, cfg, config_path: str | None, supervisor_pid: int | None):
+    def __init__(self, store: Store, cfg, config_path: str | None, supervisor_pid: int | None, oauth=None):
         self.store = store
+        self.oauth = oauth  # control/oauth.py's AuthServer, or None (oauth.enabled: false)
+        self.serve_oauth = False  # the token, revocation, JWKS and metadata endpoints are on this listener
         self.cfg = cfg
         self.config_path = config_path
         self.supervisor_pid = supervisor_pid
@@ -199,6 +217,56 @@ class Admin:
     async def rotate(self, request: Request):
         cred, key = self.store.rotate_key(self.actor(request), self.int_param(request, "id"))
         return JSONResponse({**cred, "key": key}, headers={"Cache-Control": "no-store"})
+
+    # --- OAuth 2.0 client credentials and signing keys (control/oauth.py) -------------------------
+    def _oauth(self):
+        if self.oauth is None:
+            raise OAuthDisabled("the OAuth authorization server is off (oauth.enabled: false)")
+        return self.oauth
+
+    async def app_oauth_clients(self, request: Request):
+        self._oauth()
+        app_id = self.int_param(request, "id")
+        if request.method == "GET":
+            return JSONResponse(self.store.list_oauth_clients(app_id))
+        b = await self.body(request, OAuthClientCreate, empty_ok=True)
+        try:
+            self.oauth.check_scopes(b.scopes)
+        except ValueError as exc:
+            raise BadBody(f"scopes: {exc}") from None
+        client, secret = self.store.create_oauth_client(self.actor(request), app_id, b.scopes)
+        return JSONResponse({**client, "client_secret": secret}, 201, headers={"Cache-Control": "no-store"})
+
+    async def oauth_clients(self, request: Request):
+        self._oauth()
+        app_id = request.query_params.get("app_id")
+        return JSONResponse(self.store.list_oauth_clients(int(app_id) if app_id and app_id.isdigit() else None))
+
+    async def oauth_client(self, request: Request):
+        self._oauth()
+        client_id = request.path_params["client_id"]
+        if request.method == "GET":
+            return JSONResponse(self.store.get_oauth_client(client_id))
+        if request.method == "PATCH":
+            b = await self.body(request, OAuthClientUpdate)
+            try:
+                self.oauth.check_scopes(b.scopes)
+            except ValueError as exc:
+                raise BadBody(f"scopes: {exc}") from None
+            return JSONResponse(self.store.update_oauth_client(self.actor(request), client_id, b.scopes))
+        return JSONResponse(self.store.revoke_oauth_client(self.actor(request), client_id))
+
+    async def oauth_client_rotate(self, request: Request):
+        self._oauth()
+        client, secret = self.store.rotate_oauth_client(self.actor(request), request.path_params["client_id"])
+        return JSONResponse({**client, "client_secret": secret}, headers={"Cache-Control": "no-store"})
+
+    async def oauth_keys(self, request: Request):
+        self._oauth()
+        return JSONResponse([{k: v for k, v in key.items() if k != "public_jwk"} for key in self.store.oauth_keys()])
+
+    async def oauth_keys_rotate(self, request: Request):
+        return JSONResponse(await self._oauth().rotate(self.actor(request)))
 
     # --- developers, apps, plans, subscriptions ---------------------------------------------------
     async def developers(self, request: Request):
@@ -365,7 +433,7 @@ class Admin:
                              "store_schema": self.store.version})
 
     async def openapi(self, request: Request):
-        return JSONResponse(openapi_document())
+        return JSONResponse(openapi_document(oauth_endpoints=self.serve_oauth))
 
 
 # (method, path, handler name, summary, request body, success status)
@@ -415,6 +483,21 @@ ENDPOINTS = [
     ("GET", "/config", "get_config", "The running config (the admin token redacted)", None, 200),
     ("POST", "/config", "post_config", "Validate a config (YAML, JSON or TOML by Content-Type); when valid, "
      "write it to the config file and reload. 422 lists every error with its path", None, 202),
+    ("GET", "/apps/{id}/oauth-clients", "app_oauth_clients", "An app's OAuth 2.0 clients", None, 200),
+    ("POST", "/apps/{id}/oauth-clients", "app_oauth_clients", "Create OAuth 2.0 client credentials for an app: "
+     "the answer's `client_secret` is shown this once", OAuthClientCreate, 201),
+    ("GET", "/oauth-clients", "oauth_clients", "List OAuth 2.0 clients (?app_id=N); never a secret", None, 200),
+    ("GET", "/oauth-clients/{client_id}", "oauth_client", "An OAuth 2.0 client", None, 200),
+    ("PATCH", "/oauth-clients/{client_id}", "oauth_client", "Change the scopes a client may ask for",
+     OAuthClientUpdate, 200),
+    ("DELETE", "/oauth-clients/{client_id}", "oauth_client", "Revoke a client and every unexpired token it was given",
+     None, 200),
+    ("POST", "/oauth-clients/{client_id}/rotate", "oauth_client_rotate", "New secret for a client (shown once); "
+     "the old one stops working, tokens already issued stay valid", None, 200),
+    ("GET", "/oauth-keys", "oauth_keys", "The OAuth signing keys still published: the active one, retired ones "
+     "until their tokens expire (never a private part)", None, 200),
+    ("POST", "/oauth-keys/rotate", "oauth_keys_rotate", "A new signing key, used from now on; the previous one stays "
+     "in the JWKS until every token it signed has expired", None, 200),
     ("GET", "/audit", "audit", "Audit log, newest first (?entity=&limit=&before=ID)", None, 200),
     ("GET", "/openapi.json", "openapi", "This document", None, 200),
     ("GET", "/analytics/summary", None, "Traffic over ?window=1h|1d: rps, latency quantiles, error rate, top "
@@ -424,7 +507,19 @@ ENDPOINTS = [
 ]
 
 
-def openapi_document() -> dict:
+# served without the admin token when there is no portal listener (control/oauth.py): (method, path, summary)
+OAUTH_ENDPOINTS = [
+    ("POST", "/oauth/token", "OAuth 2.0 token endpoint, client credentials grant (RFC 6749 §4.4): client "
+     "authentication by HTTP Basic or client_id/client_secret form fields"),
+    ("POST", "/oauth/revoke", "OAuth 2.0 token revocation (RFC 7009), client-authenticated"),
+    ("GET", "/.well-known/jwks.json", "The token signing keys (public parts only)"),
+    ("GET", "/.well-known/oauth-authorization-server", "Authorization server metadata (RFC 8414)"),
+]
+
+
+def openapi_document(oauth_endpoints: bool = False) -> dict:
+    """The admin API's OpenAPI document; with `oauth_endpoints`, the OAuth endpoints this listener
+    also serves (without the admin token)."""
     _, components = msgspec.json.schema_components(BODIES, ref_template="#/components/schemas/{name}")
     components["Error"] = {"type": "object", "required": ["error"],
                            "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}
@@ -448,7 +543,7 @@ def openapi_document() -> dict:
             op["responses"]["404"] = {"description": "not found",
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         if body is not None:
-            op["requestBody"] = {"required": body is not CredentialCreate, "content": {"application/json": {
+            op["requestBody"] = {"required": body not in OPTIONAL_BODIES, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
             op["responses"]["422"] = {"description": "invalid body",
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -459,12 +554,38 @@ def openapi_document() -> dict:
                 "application/json": {"schema": {"$ref": "#/components/schemas/ConfigErrors"}}}}
         if method in ("POST", "PATCH", "DELETE") and path != "/config":
             op["responses"]["409"] = {"description": "conflict, or read-only (declared in the config file)"}
+        if "oauth" in path:
+            op["responses"]["409"] = {"description": "oauth_disabled: the OAuth authorization server is off"
+                                      + (", or the client is revoked" if path.endswith("/rotate") and "clients"
+                                         in path else ""),
+                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         paths.setdefault(path, {})[method.lower()] = op
+    for method, path, summary in OAUTH_ENDPOINTS if oauth_endpoints else ():
+        form = {"application/x-www-form-urlencoded": {"schema": {"type": "object", "properties": {
+            "grant_type": {"const": "client_credentials"}, "scope": {"type": "string"}, "client_id": {"type": "string"},
+            "client_secret": {"type": "string"}} if path == "/oauth/token" else {
+            "token": {"type": "string"}, "token_type_hint": {"type": "string"}, "client_id": {"type": "string"},
+            "client_secret": {"type": "string"}}}}}
+        op = {"summary": summary, "security": [] if method == "GET" else [{"client_basic": []}, {}],
+              "responses": {"200": {"description": "OK"}}}
+        if method == "POST":
+            op["requestBody"] = {"required": True, "content": form}
+            op["responses"]["400"] = op["responses"]["401"] = {
+                "description": "RFC 6749 §5.2 error", "content": {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/OAuthError"}}}}
+        paths[path] = {method.lower(): op}
+    if oauth_endpoints:
+        components["OAuthError"] = {"type": "object", "required": ["error"], "properties": {
+            "error": {"enum": ["invalid_request", "invalid_client", "invalid_grant", "unauthorized_client",
+                               "unsupported_grant_type", "invalid_scope"]},
+            "error_description": {"type": "string"}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "fastgate admin API", "version": __version__},
         "components": {"schemas": components,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                           **({"client_basic": {"type": "http", "scheme": "basic"}}
+                                              if oauth_endpoints else {})}},
         "security": [{"bearer": []}],
         "paths": paths,
     }
@@ -511,8 +632,11 @@ async def _crash(request, exc: Exception):  # Starlette re-raises it afterwards:
 
 
 def create_app(store: Store, cfg, token: str | None, config_path: str | None = None,
-               supervisor_pid: int | None = None, analytics=None):
-    admin = Admin(store, cfg, config_path, supervisor_pid)
+               supervisor_pid: int | None = None, analytics=None, oauth=None, serve_oauth: bool = False):
+    """The admin API (an ASGI app). `oauth`: control/oauth.py's AuthServer when `oauth.enabled`;
+    `serve_oauth`: also serve its public endpoints here, without the admin token (no portal listener)."""
+    admin = Admin(store, cfg, config_path, supervisor_pid, oauth)
+    admin.serve_oauth = serve_oauth and oauth is not None
     admin.host = getattr(analytics, "host", None)
     methods: dict[tuple[str, str], list[str]] = {}
     for method, path, handler, *_ in ENDPOINTS:
@@ -526,11 +650,16 @@ def create_app(store: Store, cfg, token: str | None, config_path: str | None = N
     app = Starlette(routes=routes, exception_handlers={
         StoreError: _store_error, BadBody: _bad_body, HTTPException: _http_error, Exception: _crash})
     app.state.admin = admin
+    outer = BearerAuth(app, token)
     if analytics is not None:  # /dashboard: its own cookie login; everything else: the bearer token
         from .dashboard import with_dashboard
 
-        return with_dashboard(BearerAuth(app, token), analytics, token)
-    return BearerAuth(app, token)
+        outer = with_dashboard(outer, analytics, token)
+    if admin.serve_oauth:  # /oauth/token and friends: the client's own credentials, not the admin token
+        from .oauth import create_oauth_app, with_oauth
+
+        outer = with_oauth(outer, create_oauth_app(oauth))
+    return outer
 
 
 # --- the config file -------------------------------------------------------------------------------

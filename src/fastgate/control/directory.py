@@ -1,9 +1,11 @@
-"""The workers' view of the store: API key hash → consumer, held in memory.
+"""The workers' view of the store: API key hash → consumer, and the revoked OAuth token ids (`jti`s
+of tokens this gateway issued and then revoked, until they expire), held in memory.
 
 A worker opens the SQLite file read-only and, once per tick at most every `interval` seconds, asks
 `PRAGMA data_version` whether another connection (the control process) committed since; only
 then does it reload the whole map. Requests never touch the store: a key found or not found is one
-dict lookup. So a key made or revoked through the admin API takes effect within about a second.
+dict lookup. So a key made or revoked through the admin API takes effect within about a second, and
+so does a token revoked at `POST /oauth/revoke` (the jwt policy's `check_revoked`: one set lookup).
 """
 from __future__ import annotations
 
@@ -11,16 +13,17 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from urllib.parse import quote
 
 from ..policies.base import ConsumerInfo
-from .store import ACTIVE_KEYS_SQL
+from .store import ACTIVE_KEYS_SQL, OAUTH_SCHEMA, REVOKED_JTIS_SQL
 
 log = logging.getLogger("fastgate.directory")
 
 
 class Directory:
-    __slots__ = ("path", "interval", "conn", "version", "keys", "_next", "_warned")
+    __slots__ = ("path", "interval", "conn", "version", "keys", "revoked", "_next", "_warned")
 
     def __init__(self, path: str, interval: float = 0.5):
         self.path = os.path.abspath(path)
@@ -28,6 +31,7 @@ class Directory:
         self.conn: sqlite3.Connection | None = None
         self.version = None
         self.keys: dict[bytes, tuple[ConsumerInfo, bytes]] = {}  # sha256 hex digest → (consumer, identifier)
+        self.revoked: frozenset[str] = frozenset()  # jtis of revoked, unexpired OAuth tokens (replaced whole)
         self._next = 0.0
         self._warned = False
         self.poll(0.0)
@@ -80,7 +84,12 @@ class Directory:
             digest = key_hash[7:].encode()  # key_hash is UNIQUE in the store
             # the credential identifier names the key without revealing it, as for config keys
             keys[digest] = (info, b"sha256:" + digest[:16])
+        revoked: frozenset[str] = frozenset()
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] >= OAUTH_SCHEMA:  # an older store has none
+            # expired ones are left out: the jwt policy refuses an expired token anyway
+            revoked = frozenset(jti for (jti,) in self.conn.execute(REVOKED_JTIS_SQL, (time.time(),)))
         self.keys = keys
+        self.revoked = revoked
 
     def close(self) -> None:
         if self.conn is not None:

@@ -12,6 +12,8 @@ process (control/process.py) on the `kind: portal` listener, over the same store
   once, rotated, revoked — through the same store calls as the admin API, so the workers see them
   within a second (control/directory.py). An app's keys belong to one consumer, `app-<id>`, whose
   plan is that of the app's latest active subscription.
+- OAuth 2.0 client credentials (with `oauth.enabled`, control/oauth.py): an app with an active
+  subscription can get a client id and secret (the secret shown once), rotate the secret, revoke.
 - Try-it: the portal sends the request itself to the gateway's proxy listener on loopback.
 """
 from __future__ import annotations
@@ -216,8 +218,9 @@ class Forbidden(Exception):
 
 class Portal:
     def __init__(self, store: Store, cfg, token: str | None = None, config_path: str | None = None, tls: bool = False,
-                 analytics=None):
+                 analytics=None, oauth=None):
         self.store = store
+        self.oauth = oauth  # control/oauth.py's AuthServer, or None
         self.analytics = analytics
         self.cfg = cfg
         self.admin_token = token
@@ -225,7 +228,8 @@ class Portal:
         self.catalog = build_catalog(cfg, config_path)
         self.plan_approval = {p.name: p.approval for p in cfg.plans}
         self.failures: dict[str, deque] = {}
-        self.flash: dict[int, tuple[float, int, str]] = {}  # session id → (when, app id, key shown once)
+        # session id → (when, app id, what is shown once: an API key, or (client_id, client_secret))
+        self.flash: dict[int, tuple[float, int, str | tuple[str, str]]] = {}
         self.env = Environment(loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
                                autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
         proxy = next((li for li in cfg.listeners if li.kind == "proxy"), None)
@@ -519,14 +523,21 @@ class Portal:
         app = self.my_app(request, request.path_params["id"])
         consumer = self._sync_consumer(request, app)
         keys = self.store.list_credentials(consumer["username"]) if consumer else []
-        shown = None
+        shown = shown_client = None
         f = self.flash.pop(request.state.session["id"], None)
         if f is not None and f[1] == app["id"] and time.monotonic() - f[0] < 300:
-            shown = f[2]
+            if isinstance(f[2], tuple):
+                shown_client = f[2]
+            else:
+                shown = f[2]
+        clients = self.store.list_oauth_clients(app["id"]) if self.oauth is not None else []
         subs = [{**s, "approval": self.plan_approval.get(s["plan"], False)} for s in self.store.list_subscriptions(app["id"])]
         plans = [{**p, "approval": self.plan_approval.get(p["name"], False)} for p in self.store.list_plans()]
         return self.page("app.html", request, app=app, consumer=consumer, keys=keys, shown_key=shown, subs=subs,
-                         plans=plans, usage=self.usage(consumer), can_key=any(s["state"] == "active" for s in subs), title=f"App {app['name']}")
+                         plans=plans, usage=self.usage(consumer), can_key=any(s["state"] == "active" for s in subs),
+                         oauth=self.oauth, clients=clients, shown_client=shown_client,
+                         token_endpoint=self.oauth.metadata()["token_endpoint"] if self.oauth else None,
+                         title=f"App {app['name']}")
 
     def usage(self, consumer: dict | None) -> dict:
         """The app's hourly requests and errors over the last 7 days, from the usage ledger (no
@@ -565,7 +576,7 @@ class Portal:
             raise Forbidden("no such key")
         return cid
 
-    def _show_once(self, request: Request, app: dict, key: str) -> Response:
+    def _show_once(self, request: Request, app: dict, key: str | tuple[str, str]) -> Response:
         self.flash[request.state.session["id"]] = (time.monotonic(), app["id"], key)
         return RedirectResponse(f"/apps/{app['id']}", 303)
 
@@ -589,10 +600,45 @@ class Portal:
         self.store.revoke_key(self.actor(request), self._my_key(request, app))
         return RedirectResponse(f"/apps/{app['id']}", 303)
 
+    # --- OAuth 2.0 client credentials -------------------------------------------------------------
+    def _my_client(self, request: Request, app: dict) -> str:
+        if self.oauth is None:
+            raise Forbidden("OAuth is not enabled on this gateway")
+        client_id = request.path_params["client_id"]
+        try:
+            client = self.store.get_oauth_client(client_id)
+        except StoreError:
+            raise Forbidden("no such client") from None
+        if client["app_id"] != app["id"]:
+            raise Forbidden("no such client")
+        return client_id
+
+    async def create_client(self, request: Request, form):
+        app = self.my_app(request, request.path_params["id"])
+        if self.oauth is None:
+            raise Forbidden("OAuth is not enabled on this gateway")
+        consumer = self._sync_consumer(request, app)
+        if consumer is None or consumer["plan"] is None:
+            return self.message(request, 409, "Subscribe this app to a plan (and wait for its approval, if the "
+                                              "plan needs one) before asking for client credentials.")
+        # a developer's client may ask for every scope the gateway lists; an admin can narrow it (PATCH)
+        client, secret = self.store.create_oauth_client(self.actor(request), app["id"], sorted(self.oauth.supported_scopes))
+        return self._show_once(request, app, (client["client_id"], secret))
+
+    async def rotate_client(self, request: Request, form):
+        app = self.my_app(request, request.path_params["id"])
+        client, secret = self.store.rotate_oauth_client(self.actor(request), self._my_client(request, app))
+        return self._show_once(request, app, (client["client_id"], secret))
+
+    async def revoke_client(self, request: Request, form):
+        app = self.my_app(request, request.path_params["id"])
+        self.store.revoke_oauth_client(self.actor(request), self._my_client(request, app))
+        return RedirectResponse(f"/apps/{app['id']}", 303)
+
 
 def create_portal(store: Store, cfg, token: str | None = None, config_path: str | None = None,
-                  tls: bool = False, analytics=None) -> Starlette:
-    p = Portal(store, cfg, token, config_path, tls, analytics)
+                  tls: bool = False, analytics=None, oauth=None) -> Starlette:
+    p = Portal(store, cfg, token, config_path, tls, analytics, oauth)
     h = p.handler
     routes = [
         Route("/", h(p.catalog_page), methods=["GET"]),
@@ -609,6 +655,9 @@ def create_portal(store: Store, cfg, token: str | None = None, config_path: str 
         Route("/apps/{id}/keys", h(p.create_key, True), methods=["POST"]),
         Route("/apps/{id}/keys/{cid}/rotate", h(p.rotate_key, True), methods=["POST"]),
         Route("/apps/{id}/keys/{cid}/revoke", h(p.revoke_key, True), methods=["POST"]),
+        Route("/apps/{id}/oauth-clients", h(p.create_client, True), methods=["POST"]),
+        Route("/apps/{id}/oauth-clients/{client_id}/rotate", h(p.rotate_client, True), methods=["POST"]),
+        Route("/apps/{id}/oauth-clients/{client_id}/revoke", h(p.revoke_client, True), methods=["POST"]),
         Route("/admin/developers/pending", p.pending, methods=["GET"]),
         Route("/admin/developers/{id}/approve", p.approve, methods=["POST"]),
     ]

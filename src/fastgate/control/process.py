@@ -5,6 +5,11 @@ the supervisor meanwhile, so clients queue rather than being refused). With a `k
 listener too, it serves the developer portal (control/portal.py) on that socket, with a second
 uvicorn server in the same event loop, over the same store.
 
+With `oauth.enabled` it is also the OAuth 2.0 authorization server (control/oauth.py): the token,
+revocation, JWKS and metadata endpoints are served on the portal listener — the one meant to face
+the developers' apps — or, without a portal listener, on the admin listener, where those four
+paths (and only they) need no admin token: a client authenticates with its own credentials.
+
 Everything it will run is imported, and uvicorn's config loaded (protocol classes, loop, TLS
 context), before it drops privileges: the user it switches to may not read this Python's files.
 The store is opened after, so the file belongs to that user, as the workers who read it do."""
@@ -21,6 +26,7 @@ import uvicorn
 from ..supervisor import reopen_logs
 from .admin import create_app, resolve_token
 from .analytics import Analytics
+from .oauth import AuthServer, create_oauth_app, with_oauth
 from .portal import create_portal
 from .store import Store
 
@@ -106,15 +112,29 @@ def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: in
     except Exception as exc:  # noqa: BLE001 - StoreError, sqlite3.Error, OSError: say which file
         log.error("admin API not started: store %s: %s", cfg.store.path, exc)
         return 2
+    oauth = None
+    if cfg.oauth.enabled:
+        try:
+            oauth = AuthServer(store, cfg.oauth)
+            oauth.ensure_key()
+        except Exception as exc:  # noqa: BLE001 - sqlite3.Error, a key that does not load: say so, serve the rest
+            log.error("OAuth authorization server not started: %s", exc)
+            oauth = None
     analytics = Analytics(cfg.store.path, host_metrics, cfg, supervisor_pid)
-    app.app = create_app(store, cfg, token, config_path, supervisor_pid, analytics=analytics)
+    app.app = create_app(store, cfg, token, config_path, supervisor_pid, analytics=analytics, oauth=oauth,
+                         serve_oauth=portal_config is None)
+    if oauth is not None and portal_config is None:
+        log.info("OAuth endpoints on the admin listener (no portal listener), issuer %s", oauth.issuer)
     analytics.start()  # a snapshot of the host's metrics into the store every 10 s
     scheme = "https" if tls else "http"
     log.info("admin API on %s://%s:%d (store %s, schema v%d)", scheme, listener.address, listener.port,
              cfg.store.path, store.version)
     if portal_config is not None:
         portal_app.app = create_portal(store, cfg, token, config_path, tls=portal_listener.tls is not None,
-                                       analytics=analytics)
+                                       analytics=analytics, oauth=oauth)
+        if oauth is not None:
+            portal_app.app = with_oauth(portal_app.app, create_oauth_app(oauth))
+            log.info("OAuth endpoints on the portal listener, issuer %s", oauth.issuer)
         log.info("developer portal on %s://%s:%d", "https" if portal_listener.tls else "http",
                  portal_listener.address, portal_listener.port)
     try:

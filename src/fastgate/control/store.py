@@ -3,6 +3,8 @@ workers read (control/directory.py).
 
 Holds developers, apps, consumers, credentials, plans, subscriptions and an audit log. API keys are
 stored only as "sha256:<hex>" hashes: the key itself is returned once, by the call that made it.
+OAuth client secrets likewise. The OAuth signing keys (control/oauth.py) are here too, private parts
+included (PKCS#8 PEM): the file is created 0600, and must be kept like a key file.
 Consumers and plans declared in the config file are copied in (`sync_config`, source "config") and
 are read-only here: the file is where they change.
 
@@ -93,14 +95,41 @@ MIGRATIONS: list[list[str]] = [
             csrf TEXT NOT NULL, created_at TEXT NOT NULL, expires REAL NOT NULL)""",
         "CREATE INDEX portal_sessions_by_expiry ON portal_sessions (expires)",
     ],
+    [  # 4: the OAuth 2.0 authorization server (control/oauth.py): clients, signing keys, issued tokens
+        """CREATE TABLE oauth_clients (
+            id INTEGER PRIMARY KEY, client_id TEXT NOT NULL UNIQUE, secret_hash TEXT NOT NULL UNIQUE,
+            app_id INTEGER NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+            consumer TEXT NOT NULL, scopes TEXT NOT NULL DEFAULT '[]',
+            state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'revoked')),
+            created_at TEXT NOT NULL, rotated_at TEXT, revoked_at TEXT)""",
+        "CREATE INDEX oauth_clients_by_app ON oauth_clients (app_id)",
+        # private_pem: PKCS#8, unencrypted — the store file must be protected like a key file
+        """CREATE TABLE oauth_keys (
+            kid TEXT PRIMARY KEY, alg TEXT NOT NULL, private_pem TEXT NOT NULL, public_jwk TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('active', 'retired')),
+            created_at REAL NOT NULL, retired_at REAL, drop_after REAL)""",
+        # every token issued, until it expires: whose it is, which key signed it, whether it was
+        # revoked (the workers load the revoked ones: control/directory.py)
+        """CREATE TABLE oauth_tokens (
+            jti TEXT PRIMARY KEY, client_id TEXT NOT NULL, kid TEXT NOT NULL, exp REAL NOT NULL,
+            revoked_at REAL)""",
+        "CREATE INDEX oauth_tokens_by_exp ON oauth_tokens (exp)",
+        "CREATE INDEX oauth_tokens_by_client ON oauth_tokens (client_id)",
+        "CREATE INDEX oauth_tokens_by_kid ON oauth_tokens (kid, exp)",
+        "CREATE INDEX oauth_tokens_revoked ON oauth_tokens (exp) WHERE revoked_at IS NOT NULL",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+OAUTH_SCHEMA = 4  # the first schema with the oauth_* tables
 
 ACTIVE_KEYS_SQL = """
     SELECT c.username, c.custom_id, c.plan, c.groups, k.key_hash, k.id
     FROM credentials k JOIN consumers c ON c.id = k.consumer_id
     WHERE k.state = 'active' AND k.type = 'key-auth'"""
 """What the workers load (control/directory.py): every active key hash with its consumer."""
+
+REVOKED_JTIS_SQL = "SELECT jti FROM oauth_tokens WHERE revoked_at IS NOT NULL AND exp > ?"
+"""What the workers load too (schema >= OAUTH_SCHEMA): revoked tokens that have not expired yet."""
 
 
 class StoreError(Exception):
@@ -618,6 +647,166 @@ class Store:
         """The consumer that carries an app's keys (the first one made for it through the API)."""
         c = self._one("SELECT * FROM consumers WHERE app_id = ? AND source = 'api' ORDER BY id LIMIT 1", (app_id,))
         return self._consumer_out(c) if c is not None else None
+
+    # --- the OAuth 2.0 authorization server (control/oauth.py) ------------------------------------
+    _CLIENT = """SELECT id, client_id, app_id, consumer, scopes, state, created_at, rotated_at, revoked_at
+                 FROM oauth_clients"""
+
+    @staticmethod
+    def _client_out(c: dict | None) -> dict | None:
+        if c is not None:
+            c["scopes"] = json.loads(c["scopes"])
+        return c
+
+    def list_oauth_clients(self, app_id: int | None = None) -> list[dict]:
+        if app_id is None:
+            rows = self._all(self._CLIENT + " ORDER BY id")
+        else:
+            self.get_app(app_id)
+            rows = self._all(self._CLIENT + " WHERE app_id = ? ORDER BY id", (app_id,))
+        return [self._client_out(c) for c in rows]
+
+    def get_oauth_client(self, client_id: str) -> dict:
+        c = self._client_out(self._one(self._CLIENT + " WHERE client_id = ?", (client_id,)))
+        if c is None:
+            raise NotFound(f"no OAuth client `{client_id}`")
+        return c
+
+    def oauth_client_secret_hash(self, client_id: str) -> tuple[dict, str] | None:
+        """(the client, its secret's stored hash), to authenticate it; None for an unknown client_id."""
+        row = self._one("SELECT secret_hash FROM oauth_clients WHERE client_id = ?", (client_id,))
+        if row is None:
+            return None
+        return self.get_oauth_client(client_id), row["secret_hash"]
+
+    def create_oauth_client(self, actor: str, app_id: int, scopes=()) -> tuple[dict, str]:
+        """Client credentials for app `app_id`: (the client, its secret — shown this once, stored as
+        its SHA-256 like an API key). Tokens name the app's consumer (`app-<id>`, made here when the
+        app has none yet) as `sub`."""
+        client_id = "fgc_" + secrets.token_urlsafe(16)
+        secret = "fgs_" + secrets.token_urlsafe(32)
+        with self.tx():
+            app = self.get_app(app_id)
+            consumer = self.app_consumer(app["id"])
+            if consumer is None:
+                name = f"app-{app['id']}"
+                t = now()
+                self._insert("consumers", {"username": name, "app_id": app["id"], "created_at": t, "updated_at": t})
+                consumer = self.get_consumer(name)
+                self._audit(actor, "create", "consumer", name, None, consumer)
+            id_ = self._insert("oauth_clients", {
+                "client_id": client_id, "secret_hash": hash_key(secret), "app_id": app["id"],
+                "consumer": consumer["username"], "scopes": json.dumps(sorted(set(scopes))), "created_at": now()})
+            after = self.get_oauth_client(client_id)
+            self._audit(actor, "create", "oauth_client", id_, None, after)
+        return after, secret
+
+    def update_oauth_client(self, actor: str, client_id: str, scopes) -> dict:
+        with self.tx():
+            before = self.get_oauth_client(client_id)
+            self.conn.execute("UPDATE oauth_clients SET scopes = ? WHERE client_id = ?",
+                              (json.dumps(sorted(set(scopes))), client_id))
+            after = self.get_oauth_client(client_id)
+            self._audit(actor, "update", "oauth_client", before["id"], before, after)
+        return after
+
+    def rotate_oauth_client(self, actor: str, client_id: str) -> tuple[dict, str]:
+        """A new secret; the old one stops working at once (tokens it got stay valid until they expire)."""
+        secret = "fgs_" + secrets.token_urlsafe(32)
+        with self.tx():
+            before = self.get_oauth_client(client_id)
+            if before["state"] != "active":
+                raise Conflict(f"OAuth client {client_id} is revoked")
+            self.conn.execute("UPDATE oauth_clients SET secret_hash = ?, rotated_at = ? WHERE client_id = ?",
+                              (hash_key(secret), now(), client_id))
+            after = self.get_oauth_client(client_id)
+            self._audit(actor, "rotate", "oauth_client", before["id"], before, after)
+        return after, secret
+
+    def revoke_oauth_client(self, actor: str, client_id: str) -> dict:
+        """Revoke the client and every unexpired token it was given (workers whose jwt policy has
+        `check_revoked` refuse those within about a second)."""
+        t = time.time()
+        with self.tx():
+            before = self.get_oauth_client(client_id)
+            if before["state"] == "revoked":
+                return {**before, "tokens_revoked": 0}
+            self.conn.execute("UPDATE oauth_clients SET state = 'revoked', revoked_at = ? WHERE client_id = ?",
+                              (now(), client_id))
+            n = self.conn.execute("UPDATE oauth_tokens SET revoked_at = ? WHERE client_id = ? AND revoked_at IS "
+                                  "NULL AND exp > ?", (t, client_id, t)).rowcount
+            after = {**self.get_oauth_client(client_id), "tokens_revoked": n}
+            self._audit(actor, "revoke", "oauth_client", before["id"], before, after)
+        return after
+
+    _KEY = "SELECT kid, alg, state, public_jwk, created_at, retired_at, drop_after FROM oauth_keys"
+
+    def oauth_keys(self, t: float | None = None) -> list[dict]:
+        """The signing keys published at `t` (default now), the active one first; never a private part."""
+        t = time.time() if t is None else t
+        rows = self._all(self._KEY + " WHERE state = 'active' OR drop_after > ? "
+                         "ORDER BY state = 'active' DESC, created_at DESC", (t,))
+        for r in rows:
+            r["public_jwk"] = json.loads(r["public_jwk"])
+        return rows
+
+    def active_oauth_key(self) -> dict | None:
+        """The signing key, private PEM included, or None."""
+        return self._one("SELECT * FROM oauth_keys WHERE state = 'active'")
+
+    def add_oauth_key(self, actor: str, kid: str, alg: str, private_pem: str, public_jwk: dict,
+                      margin: float) -> dict:
+        """Make `kid` the signing key. The one it replaces is retired: still published until the last
+        token it signed expires, plus `margin`, then dropped (`prune_oauth`)."""
+        t = time.time()
+        with self.tx():
+            old = self._one(self._KEY + " WHERE state = 'active'")
+            if old is not None:
+                last_exp = self.conn.execute("SELECT max(exp) FROM oauth_tokens WHERE kid = ?",
+                                             (old["kid"],)).fetchone()[0]
+                drop_after = max(t, last_exp or t) + margin
+                self.conn.execute("UPDATE oauth_keys SET state = 'retired', retired_at = ?, drop_after = ? "
+                                  "WHERE kid = ?", (t, drop_after, old["kid"]))
+                old.pop("public_jwk")
+                old.update(state="retired", retired_at=t, drop_after=drop_after)
+            self._insert("oauth_keys", {"kid": kid, "alg": alg, "private_pem": private_pem,
+                                        "public_jwk": json.dumps(public_jwk), "state": "active", "created_at": t})
+            after = {"kid": kid, "alg": alg, "state": "active", "created_at": t, "retired_at": None,
+                     "drop_after": None}
+            self._audit(actor, "rotate" if old else "create", "oauth_key", kid, old, after)
+        return {**after, "previous": old}
+
+    def record_oauth_token(self, jti: str, client_id: str, kid: str, exp: float) -> None:
+        with self.tx():
+            self.conn.execute("INSERT INTO oauth_tokens (jti, client_id, kid, exp) VALUES (?, ?, ?, ?)",
+                              (jti, client_id, kid, exp))
+
+    def revoke_oauth_token(self, jti: str, client_id: str) -> str:
+        """RFC 7009: "revoked", "unknown" (not issued here, or expired and forgotten) or "not_owner"."""
+        with self.tx():
+            row = self._one("SELECT client_id, revoked_at FROM oauth_tokens WHERE jti = ?", (jti,))
+            if row is None:
+                return "unknown"
+            if row["client_id"] != client_id:
+                return "not_owner"
+            if row["revoked_at"] is None:
+                self.conn.execute("UPDATE oauth_tokens SET revoked_at = ? WHERE jti = ?", (time.time(), jti))
+        return "revoked"
+
+    def prune_oauth(self) -> None:
+        """Forget expired tokens (revoked or not: an expired token is refused anyway) and drop retired
+        keys whose overlap has ended."""
+        t = time.time()
+        due = self.conn.execute("SELECT EXISTS (SELECT 1 FROM oauth_tokens WHERE exp < ?) OR EXISTS (SELECT 1 FROM "
+                                "oauth_keys WHERE state = 'retired' AND drop_after <= ?)", (t, t)).fetchone()[0]
+        if not due:  # no write transaction for nothing (the workers reload on every commit)
+            return
+        with self.tx():
+            self.conn.execute("DELETE FROM oauth_tokens WHERE exp < ?", (t,))
+            for (kid,) in self.conn.execute("SELECT kid FROM oauth_keys WHERE state = 'retired' AND drop_after <= ?",
+                                            (t,)).fetchall():
+                self.conn.execute("DELETE FROM oauth_keys WHERE kid = ?", (kid,))
+                self._audit("oauth", "delete", "oauth_key", kid, {"kid": kid, "state": "retired"}, None)
 
     # --- shared helpers ---------------------------------------------------------------------------
     def _simple_update(self, actor: str, entity: str, get, id_: int, changes: dict) -> dict:

@@ -15,6 +15,10 @@ A JWKS is fetched by a background task every `jwks_refresh` seconds; a token wit
 may trigger one refetch per `jwks_cooldown` (concurrent ones share it), so a flood of made-up kids
 is not a flood of fetches. Keys are kept while the key server is down. Before the first key set
 arrives, requests wait for it up to `jwks_timeout`, then get 503 `jwks_unavailable`.
+
+With `check_revoked`, a token whose `jti` is in the store's revoked set (control/directory.py: the
+worker reloads it when the store changes, so a revocation lands within about a second) is refused,
+cached or not: one set lookup per request, no I/O.
 """
 from __future__ import annotations
 
@@ -256,6 +260,11 @@ class JwtPolicy:
                 self.by_kid.setdefault(k.kid, []).append(k)
         self.jwks = KeySet.get(cfg) if cfg.jwks_url else None
         self.consumers = ctx.consumers
+        # the store's view (its `revoked` set is replaced whole on each reload: read it per request)
+        self.directory = getattr(ctx, "directory", None) if cfg.check_revoked else None
+        if cfg.check_revoked and self.directory is None:
+            log.error("jwt (%s): check_revoked needs the SQLite store (store.backend: sqlite): revocations "
+                      "are not seen", ctx.owner)
         self.header = cfg.header.lower().encode() if cfg.header else None
         self.bearer = self.header == b"authorization"
         self.cookie = cfg.cookie.encode() if cfg.cookie else None
@@ -388,8 +397,9 @@ class JwtPolicy:
             text = v if isinstance(v, str) else orjson.dumps(v).decode()
             if safe_name(text) is not None or text == "":
                 adds.append((hname, text.encode()))
+        jti = claims.get("jti")
         entry = (claims["exp"] + self.leeway, claims, consumer, key, tuple(adds),
-                 (key.kid or key.ident or "").encode())
+                 (key.kid or key.ident or "").encode(), jti if isinstance(jti, str) else None)
         cache = self.cache
         cache[token] = entry
         if len(cache) > cfg.cache_size:
@@ -397,7 +407,9 @@ class JwtPolicy:
         return self._accept(ex, entry)
 
     def _accept(self, ex, entry):
-        _until, claims, consumer, _key, adds, cred = entry
+        _until, claims, consumer, _key, adds, cred, jti = entry
+        if jti is not None and self.directory is not None and jti in self.directory.revoked:
+            return self._invalid(ex, "token revoked")
         if self.scopes and not self.scopes.issubset(token_scopes(claims)):
             return insufficient_scope(ex, self.scopes)
         if consumer is not None:
