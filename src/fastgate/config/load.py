@@ -353,6 +353,7 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
             except ValueError as exc:
                 issues.append(ConfigIssue(f"{path}.hosts[{h}]", str(exc), "e.g. api.example.com or *.example.com"))
     issues += admin_issues(cfg)
+    issues += _store_issues(cfg)
     if cfg.oauth.enabled and not any(li.kind == "admin" for li in cfg.listeners):
         issues.append(ConfigIssue("$.oauth.enabled", "the OAuth endpoints are served by the control process, "
                                   "which runs only with an admin listener", "add {kind: admin, port: 8001} "
@@ -362,6 +363,26 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue(f"$.consumers[{i}].plan", f"unknown plan `{c.plan}`",
                                       "defined: " + (", ".join(sorted(plans)) or "none")))
     return issues
+
+
+def _store_issues(cfg: Config) -> list[ConfigIssue]:
+    st = cfg.store
+    if st.backend != "redis":
+        return []
+    url = st.redis_url or (cfg.counters.redis.url if cfg.counters.redis is not None else None)
+    where = "$.store.redis_url" if st.redis_url else "$.store.backend"
+    if url is None:
+        return [ConfigIssue(where, "store.backend redis needs a Redis", "set store.redis_url (or counters.redis)")]
+    from ..counters.resp import RedisURL
+
+    try:
+        parsed = RedisURL(url)
+    except ValueError as exc:
+        return [ConfigIssue(where, str(exc), "e.g. redis://127.0.0.1:6379/0")]
+    if parsed.cluster:
+        return [ConfigIssue(where, "the store's directory needs one Redis (or a primary), not a cluster url",
+                            "give store.redis_url a single node: pub/sub reaches every node of a cluster anyway")]
+    return []
 
 
 def _version_issues(cfg: Config) -> list[ConfigIssue]:

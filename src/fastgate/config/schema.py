@@ -77,9 +77,13 @@ class Counters(Base):
 
 
 class Store(Base):
+    """The control plane's SQLite file; with `backend: redis` (clustered nodes) the workers of every
+    node learn its keys and revocations through Redis (control/directory.py) instead of the file."""
+
     backend: Literal["sqlite", "redis"] = "sqlite"
     path: str = "fastgate.db"
-    redis_url: str | None = None
+    redis_url: str | None = None  # backend redis: default the counters' redis url
+    key_prefix: Annotated[str, Meta(max_length=64)] = "fastgate:"
 
 
 class Admin(Base):

@@ -59,7 +59,7 @@ class UsageRecorder:
     def for_config(cls, cfg) -> UsageRecorder | None:
         """Only with a control process (admin listener): it creates and migrates the store."""
         store = getattr(cfg, "store", None)
-        if store is None or store.backend != "sqlite" or not any(li.kind == "admin" for li in cfg.listeners):
+        if store is None or not any(li.kind == "admin" for li in cfg.listeners):
             return None
         return cls(store.path)
 

@@ -37,11 +37,16 @@ class Directory:
         self.poll(0.0)
 
     @classmethod
-    def for_config(cls, cfg) -> Directory | None:
+    def for_config(cls, cfg):
         store = getattr(cfg, "store", None)
-        if store is None or store.backend != "sqlite":
+        if store is None:
             return None
+        if store.backend == "redis":
+            return RedisDirectory(store_redis_url(cfg), store.key_prefix)
         return cls(store.path)
+
+    def start(self, loop) -> None:
+        pass
 
     def get(self, digest: bytes):
         """(ConsumerInfo, credential identifier) for a key's SHA-256 hex digest, or None."""
@@ -75,23 +80,257 @@ class Directory:
             return False
 
     def _load(self) -> None:
+        self.apply(read_snapshot(self.conn))
+
+    def apply(self, snap: dict) -> None:
+        """Replace the maps with a snapshot's (read_snapshot's shape)."""
         keys: dict[bytes, tuple[ConsumerInfo, bytes]] = {}
         infos: dict[str, ConsumerInfo] = {}
-        for username, custom_id, plan, groups, key_hash, _id in self.conn.execute(ACTIVE_KEYS_SQL):
+        for username, custom_id, plan, groups, key_hash in snap["keys"]:
             info = infos.get(username)
             if info is None:
                 info = infos[username] = ConsumerInfo(username, custom_id, plan, json.loads(groups))
             digest = key_hash[7:].encode()  # key_hash is UNIQUE in the store
             # the credential identifier names the key without revealing it, as for config keys
             keys[digest] = (info, b"sha256:" + digest[:16])
-        revoked: frozenset[str] = frozenset()
-        if self.conn.execute("PRAGMA user_version").fetchone()[0] >= OAUTH_SCHEMA:  # an older store has none
-            # expired ones are left out: the jwt policy refuses an expired token anyway
-            revoked = frozenset(jti for (jti,) in self.conn.execute(REVOKED_JTIS_SQL, (time.time(),)))
         self.keys = keys
-        self.revoked = revoked
+        self.revoked = frozenset(snap["revoked"])
 
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+
+def read_snapshot(conn: sqlite3.Connection) -> dict:
+    """What the workers need from the store: active key hashes with their consumers, and the revoked,
+    unexpired OAuth token ids (expired ones are left out: the jwt policy refuses those anyway)."""
+    keys = [[u, cid, plan, groups, kh] for u, cid, plan, groups, kh, _id in conn.execute(ACTIVE_KEYS_SQL)]
+    revoked: list[str] = []
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= OAUTH_SCHEMA:  # an older store has none
+        revoked = [jti for (jti,) in conn.execute(REVOKED_JTIS_SQL, (time.time(),))]
+    return {"keys": keys, "revoked": revoked}
+
+
+def store_redis_url(cfg) -> str:
+    """`store.redis_url`, else the counters' Redis (config/load.py makes sure one of them is set)."""
+    if cfg.store.redis_url:
+        return cfg.store.redis_url
+    return cfg.counters.redis.url
+
+
+# --- clustered nodes: the directory through Redis ---------------------------------------------------
+# The control process publishes each new snapshot: SET <prefix>directory <json>, then PUBLISH on the
+# channel <prefix>directory. Every worker of every node holds a subscription and GETs the snapshot
+# when told (and whenever its subscription is new: nothing is missed across a disconnection).
+
+
+class RedisDirectory(Directory):
+    """A worker's directory when `store.backend: redis`: the same maps, fed through Redis pub/sub.
+    While Redis is unreachable the last snapshot stays in force; the worker reconnects with back-off."""
+
+    __slots__ = ("url", "key", "channel", "_task", "loaded")
+
+    def __init__(self, url: str, prefix: str):
+        from ..counters.resp import RedisURL
+
+        self.url = RedisURL(url)
+        self.key = (prefix + "directory").encode()
+        self.channel = self.key
+        self.keys = {}
+        self.revoked = frozenset()
+        self._task = None
+        self._warned = False
+        self.loaded = 0  # snapshots applied (tests and logs)
+
+    def poll(self, now: float) -> bool:
+        return False  # pushed, not polled
+
+    def start(self, loop) -> None:
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        import asyncio
+
+        backoff = 0.05
+        while True:
+            sub = None
+            try:
+                sub = await RespStream.open(self.url)
+                await sub.call(b"SUBSCRIBE", self.channel)  # the confirmation
+                await self._fetch()
+                if self._warned:
+                    log.info("directory: Redis %s is back", self.url)
+                self._warned = False
+                backoff = 0.05
+                while True:
+                    msg = await sub.read()
+                    if isinstance(msg, list) and msg and msg[0] == b"message":
+                        await self._fetch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - OSError, a reply error, bad JSON: retry later
+                if not self._warned:
+                    log.warning("directory: Redis %s unavailable (%s); keeping the last snapshot", self.url, exc)
+                    self._warned = True
+            finally:
+                if sub is not None:
+                    sub.close()
+            await asyncio.sleep(backoff)
+            backoff = min(2.0, backoff * 2)
+
+    async def _fetch(self) -> None:
+        conn = await RespStream.open(self.url)
+        try:
+            raw = await conn.call(b"GET", self.key)
+        finally:
+            conn.close()
+        if raw is not None:
+            self.apply(json.loads(raw))
+            self.loaded += 1
+
+
+class RespStream:
+    """One plain RESP connection for the directory's few commands (not the hot path's client)."""
+
+    def __init__(self, reader, writer):
+        import hiredis
+
+        self.reader, self.writer = reader, writer
+        self.parser = hiredis.Reader()
+
+    @classmethod
+    async def open(cls, url, timeout: float = 2.0) -> RespStream:
+        import asyncio
+
+        if url.path:
+            r, w = await asyncio.wait_for(asyncio.open_unix_connection(url.path), timeout)
+        else:
+            r, w = await asyncio.wait_for(asyncio.open_connection(url.host, url.port, ssl=url.tls or None), timeout)
+        conn = cls(r, w)
+        if url.password is not None:
+            await conn.call(*((b"AUTH", url.username, url.password) if url.username else (b"AUTH", url.password)))
+        if url.db:
+            await conn.call(b"SELECT", str(url.db))
+        return conn
+
+    async def call(self, *args):
+        from ..counters.resp import pack
+
+        self.writer.write(pack(*args))
+        return await self.read()
+
+    async def read(self):
+        import hiredis
+
+        while True:
+            reply = self.parser.gets()
+            if reply is not False:
+                if isinstance(reply, hiredis.ReplyError):
+                    raise OSError(f"redis: {reply}")
+                return reply
+            data = await self.reader.read(65536)
+            if not data:
+                raise ConnectionError("redis closed the connection")
+            self.parser.feed(data)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class DirectoryPublisher:
+    """In the control process: when the store changes (SQLite's data_version, from the admin API's or
+    the portal's connection), publish the new snapshot to Redis; republish every `refresh` seconds
+    too, so a Redis that restarted empty is filled again. A thread: the store's reads are blocking."""
+
+    def __init__(self, store_path: str, url: str, prefix: str, interval: float = 0.1, refresh: float = 10.0):
+        from ..counters.resp import RedisURL
+
+        self.path = store_path
+        self.url = RedisURL(url)
+        self.key = (prefix + "directory").encode()
+        self.interval = interval
+        self.refresh = refresh
+        self.published = 0
+        self._stop = None
+        self._thread = None
+
+    def start(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="directory-publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(self.path))}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False)
+        version, sent_at, warned = None, 0.0, False
+        try:
+            while not self._stop.is_set():
+                try:
+                    now_version = conn.execute("PRAGMA data_version").fetchone()[0]
+                    if now_version != version or time.monotonic() - sent_at > self.refresh:
+                        self.publish(json.dumps(read_snapshot(conn), separators=(",", ":")).encode())
+                        version, sent_at = now_version, time.monotonic()
+                        if warned:
+                            log.info("directory: published to Redis %s again", self.url)
+                        warned = False
+                except (OSError, sqlite3.Error) as exc:
+                    if not warned:
+                        log.warning("directory: cannot publish to Redis %s (%s); retrying", self.url, exc)
+                        warned = True
+                self._stop.wait(self.interval if not warned else 0.5)
+        finally:
+            conn.close()
+
+    def publish(self, blob: bytes) -> None:
+        import socket
+
+        import hiredis
+
+        from ..counters.resp import pack
+
+        u = self.url
+        if u.path:
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(2.0)
+            s.connect(u.path)
+        else:
+            s = socket.create_connection((u.host, u.port), timeout=2.0)
+        try:
+            if u.tls:
+                import ssl
+
+                s = ssl.create_default_context().wrap_socket(s, server_hostname=u.host)
+            cmds = []
+            if u.password is not None:
+                cmds.append(pack(b"AUTH", u.username, u.password) if u.username else pack(b"AUTH", u.password))
+            if u.db:
+                cmds.append(pack(b"SELECT", str(u.db)))
+            cmds += [pack(b"SET", self.key, blob), pack(b"PUBLISH", self.key, b"1")]
+            s.sendall(b"".join(cmds))
+            reader, got = hiredis.Reader(), 0
+            while got < len(cmds):
+                data = s.recv(65536)
+                if not data:
+                    raise ConnectionError("redis closed the connection")
+                reader.feed(data)
+                while (reply := reader.gets()) is not False:
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise OSError(f"redis: {reply}")
+                    got += 1
+        finally:
+            s.close()
+        self.published += 1

@@ -85,9 +85,6 @@ def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: in
     if token is None:
         log.warning("admin API on %s:%d WITHOUT a token (admin.allow_no_token on loopback)", listener.address,
                     listener.port)
-    if cfg.store.backend != "sqlite":
-        log.error("admin API not started: store.backend %s is not implemented yet (use sqlite)", cfg.store.backend)
-        return 2
     app = _App()
     tls = listener.tls
     config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, server_header=False,
@@ -120,6 +117,12 @@ def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: in
         except Exception as exc:  # noqa: BLE001 - sqlite3.Error, a key that does not load: say so, serve the rest
             log.error("OAuth authorization server not started: %s", exc)
             oauth = None
+    publisher = None
+    if cfg.store.backend == "redis":  # clustered nodes: every node's workers learn the keys through Redis
+        from .directory import DirectoryPublisher, store_redis_url
+
+        publisher = DirectoryPublisher(cfg.store.path, store_redis_url(cfg), cfg.store.key_prefix)
+        publisher.start()
     analytics = Analytics(cfg.store.path, host_metrics, cfg, supervisor_pid)
     app.app = create_app(store, cfg, token, config_path, supervisor_pid, analytics=analytics, oauth=oauth,
                          serve_oauth=portal_config is None)
@@ -149,5 +152,7 @@ def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: in
             server.run(sockets=[sock])
     finally:
         analytics.stop()
+        if publisher is not None:
+            publisher.stop()
         store.close()
     return 0

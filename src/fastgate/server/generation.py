@@ -318,10 +318,14 @@ class Generation:
     def start(self, loop) -> None:
         for g in self.groups.values():
             g.start(loop)
+        if self.directory is not None:
+            self.directory.start(loop)  # store.backend redis: the subscription
 
     def stop(self) -> None:
         for g in self.groups.values():
             g.stop()
+        if self.directory is not None:
+            self.directory.close()
 
     def sweep(self, now: float) -> None:
         for g in self.groups.values():

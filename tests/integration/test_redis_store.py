@@ -1,0 +1,124 @@
+"""Clustered nodes (`store.backend: redis`): a key made or revoked through one node's admin API
+reaches the workers of another node, which has no control process and no store file of its own,
+through Redis pub/sub — and survives Redis going away and coming back."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.harness import free_port
+from tests.redis_server import RedisServer
+
+TOKEN = "cluster-admin-token-0123456789"
+
+NODE = """
+workers: 2
+store: {{backend: redis, path: {db}, redis_url: "{redis}", key_prefix: "t1:"}}
+admin: {{token_env: FG_TEST_ADMIN_TOKEN}}
+listeners:
+{listeners}
+routes:
+  - {{name: hello, paths: [/hello], mock: {{body: "hi"}}}}
+  - {{name: private, paths: [/private], mock: {{body: "secret"}}, policies: [{{type: key-auth}}]}}
+"""
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if pred():
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Node:
+    def __init__(self, tmp, name: str, redis_url: str, admin: bool):
+        self.port = free_port()
+        self.admin_port = free_port() if admin else None
+        listeners = f"  - {{kind: proxy, port: {self.port}}}"
+        if admin:
+            listeners += f"\n  - {{kind: admin, port: {self.admin_port}}}"
+        cfg = tmp / f"{name}.yaml"
+        cfg.write_text(NODE.format(db=tmp / f"{name}.db", redis=redis_url, listeners=listeners))
+        self.log = tmp / f"{name}.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastgate", "run", "-c", str(cfg)],
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "FG_TEST_ADMIN_TOKEN": TOKEN})
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_for(lambda: httpx.get(self.url + "/hello", timeout=1).status_code == 200, 20, f"node {name}")
+        if admin:
+            self.admin = httpx.Client(base_url=f"http://127.0.0.1:{self.admin_port}", timeout=10,
+                                      headers={"Authorization": f"Bearer {TOKEN}"})
+            wait_for(lambda: self.admin.get("/status").status_code == 200, 20, "the admin API")
+
+    def status(self, key: str) -> int:
+        # a fresh connection each time: either worker may take it
+        return httpx.get(self.url + "/private", headers={"apikey": key}, timeout=5).status_code
+
+    def every_worker(self, key: str, status: int) -> bool:
+        return all(self.status(key) == status for _ in range(8))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with RedisServer() as redis:
+        a = Node(tmp_path, "a", redis.url, admin=True)
+        b = None
+        try:
+            b = Node(tmp_path, "b", redis.url, admin=False)
+            yield redis, a, b
+        finally:
+            a.stop()
+            if b is not None:
+                b.stop()
+
+
+def test_keys_reach_another_node_through_redis(cluster):
+    redis, a, b = cluster
+    assert a.admin.post("/consumers", json={"username": "carol"}).status_code == 201
+    cred = a.admin.post("/consumers/carol/credentials").json()
+    key = cred["key"]
+    wait_for(lambda: b.every_worker(key, 200), 5, "the key on node b")
+    assert not (b.log.parent / "b.db").exists()  # node b never had a store file: Redis told it
+    # what Redis holds is the directory: hashes, never the key
+    blob = redis.command("GET", "t1:directory")
+    assert key.encode() not in blob and b"carol" in blob
+    # revoked through node a: refused on node b
+    assert a.admin.delete(f"/credentials/{cred['id']}").status_code == 200
+    wait_for(lambda: b.every_worker(key, 401), 5, "the revocation on node b")
+
+
+def test_redis_down_keeps_the_last_directory_and_catches_up_after(cluster):
+    redis, a, b = cluster
+    a.admin.post("/consumers", json={"username": "dave"})
+    first = a.admin.post("/consumers/dave/credentials").json()["key"]
+    wait_for(lambda: b.every_worker(first, 200), 5, "the first key on node b")
+    redis.stop()
+    second = a.admin.post("/consumers/dave/credentials").json()["key"]  # the store works without Redis
+    time.sleep(1.0)
+    assert b.every_worker(first, 200)  # the last snapshot stays in force
+    assert b.status(second) == 401
+    redis.start()  # empty: the publisher fills it again, the subscribers reconnect and fetch
+    wait_for(lambda: b.every_worker(second, 200), 15, "the second key after Redis came back")
+    assert b.every_worker(first, 200)
+    assert "keeping the last snapshot" in b.log.read_text()
