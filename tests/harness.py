@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 
 import httptools
@@ -222,3 +223,17 @@ def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
     with contextlib.suppress(httptools.HttpParserError):
         parser.feed_data(data)
     return out
+
+
+ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
+
+
+def screenshot(page, name: str) -> str:
+    """Keep a full-page screenshot of a browser test as an artefact (tests/artifacts/NAME.png, or
+    $FASTGATE_ARTIFACTS); returns the path, after checking the file is a real, non-blank PNG."""
+    out = os.environ.get("FASTGATE_ARTIFACTS") or ARTIFACTS
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}.png")
+    data = page.screenshot(path=path, full_page=True)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, f"screenshot {name} looks empty"
+    return path

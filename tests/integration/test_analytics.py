@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from fastgate.policies.auth import hash_key
-from tests.harness import free_port
+from tests.harness import free_port, screenshot
 
 TOKEN = "test-admin-token-analytics-0123"
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef00", "carol": "carol-key-0123456789abcdef"}
@@ -203,8 +203,12 @@ def test_csv_export_matches(gw):
     r = gw.admin.get("/usage", params={"format": "csv"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(r.text)))
-    assert rows and set(rows[0]) == {"period", "granularity", "consumer", "plan", "api", "requests", "errors"}
+    assert rows and set(rows[0]) == {"period", "granularity", "consumer", "plan", "api", "requests", "errors",
+                                     "avg_latency_ms"}
     as_json = gw.usage()
+    # every row counts answered requests, each of which took some time at the gateway
+    assert all(x["requests"] > 0 and x["avg_latency_ms"] > 0 for x in as_json)
+    assert [float(x["avg_latency_ms"]) for x in rows] == [x["avg_latency_ms"] for x in as_json]
     assert [(x["period"], x["consumer"], x["plan"], x["api"], int(x["requests"]), int(x["errors"])) for x in rows] == \
         [(x["period"], x["consumer"], x["plan"], x["api"], x["requests"], x["errors"]) for x in as_json]
     # the CLI wrapper
@@ -313,9 +317,11 @@ def test_dashboard_in_browser(gw):
             cookies = {c["name"]: c for c in page.context.cookies()}
             assert cookies["fastgate_dashboard"]["httpOnly"] and TOKEN not in cookies["fastgate_dashboard"]["value"]
             check_page(page, gw, "1h")
+            screenshot(page, "dashboard-1h")
             page.click("text=last 1d")
             page.wait_for_selector("#summary[data-window='1d']")
             check_page(page, gw, "1d")
+            screenshot(page, "dashboard-1d")
 
             # ?token= once, in a fresh context: the cookie is set and the token leaves the URL
             ctx = browser.new_context()

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import free_port
+from tests.harness import free_port, screenshot
 
 TOKEN = "test-admin-token-0123456789"
 CHROMIUM = os.environ.get("FASTGATE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -53,7 +53,7 @@ listeners:
   - {{kind: admin, address: 127.0.0.1, port: {admin}}}
   - {{kind: portal, address: 127.0.0.1, port: {portal}}}
 plans:
-  - {{name: gold, rate_limits: [{{rate: 100, per: 1}}]}}
+  - {{name: gold, rate_limits: [{{rate: 100, per: 1}}], quotas: [{{limit: 1000, period: day}}]}}
   - {{name: platinum, approval: true}}
 routes:
   - {{name: hello, paths: [/hello], mock: {{body: "one"}}}}
@@ -207,6 +207,20 @@ def test_developer_flow_in_a_browser(gw, browser):
     page.wait_for_selector("#result-status")
     assert page.inner_text("#result-status") == "200"
     assert "Rex" in page.inner_text("#result-body")
+    screenshot(page, "portal-try-it")
+
+    # the call shows in the app's usage chart (the ledger is written about once a second)
+    def usage_rows():
+        page.goto(app_url)
+        rows = page.locator("#usage tr[data-period]")
+        return rows.count() and sum(int(rows.nth(i).get_attribute("data-requests")) for i in range(rows.count()))
+
+    wait_for(usage_rows, 15, "the try-it call in the usage chart")
+    assert page.locator("#usage-chart svg rect.requests").count() >= 1
+    assert page.locator("#usage-chart svg polyline.latency").count() == 1
+    quota = page.locator(".quota[data-period=day]")
+    assert quota.get_attribute("data-limit") == "1000" and int(quota.get_attribute("data-used")) >= 1
+    screenshot(page, "portal-app-usage")
 
     page.goto(app_url)
     page.click("#keys button.revoke")

@@ -35,9 +35,11 @@ WINDOWS = {"1h": (3600, 10), "1d": (86400, 60)}  # window → (seconds, resoluti
 KEEP = {10: 3600, 60: 86400}
 HOST_ROW = "(host)"  # the series row of host-wide counts (worker restarts, reloads)
 
-UPSERT_USAGE = """INSERT INTO usage (hour, consumer, plan, api, requests, errors) VALUES (?, ?, ?, ?, ?, ?)
+UPSERT_USAGE = """INSERT INTO usage (hour, consumer, plan, api, requests, errors, lat_sum_us)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (hour, consumer, plan, api) DO UPDATE SET
-    requests = requests + excluded.requests, errors = errors + excluded.errors"""
+    requests = requests + excluded.requests, errors = errors + excluded.errors,
+    lat_sum_us = lat_sum_us + excluded.lat_sum_us"""
 
 
 # --- the workers' side -------------------------------------------------------------------------------
@@ -48,7 +50,7 @@ class UsageRecorder:
 
     def __init__(self, path: str, interval: float = 1.0):
         self.path = os.path.abspath(path)
-        self.pending: dict[tuple, list[int]] = {}  # (hour, consumer, plan, api) → [requests, errors]
+        self.pending: dict[tuple, list[int]] = {}  # (hour, consumer, plan, api) → [requests, errors, µs]
         self.hour = int(time.time()) // 3600
         self.conn: sqlite3.Connection | None = None
         self.interval = interval
@@ -63,16 +65,17 @@ class UsageRecorder:
             return None
         return cls(store.path)
 
-    def record(self, consumer, route, status: int) -> None:
+    def record(self, consumer, route, status: int, seconds: float = 0.0) -> None:
         if consumer is None:
             return  # anonymous requests are in the metrics, not in the ledger
         key = (self.hour, consumer.username, consumer.plan or "", (route.api or "") if route is not None else "")
         c = self.pending.get(key)
         if c is None:
-            c = self.pending[key] = [0, 0]
+            c = self.pending[key] = [0, 0, 0]
         c[0] += 1
         if status >= 400:
             c[1] += 1
+        c[2] += int(seconds * 1e6)
 
     def tick(self, now: float, wall: int, force: bool = False) -> None:
         """Called by the worker's tick (`now`: loop time): writes at most every `interval` seconds."""
@@ -96,7 +99,7 @@ class UsageRecorder:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(UPSERT_USAGE, [(*k, c[0], c[1]) for k, c in batch.items()])
+                conn.executemany(UPSERT_USAGE, [(*k, c[0], c[1], c[2]) for k, c in batch.items()])
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -112,6 +115,7 @@ class UsageRecorder:
                 else:
                     p[0] += c[0]
                     p[1] += c[1]
+                    p[2] += c[2]
             if not self._warned:
                 log.warning("usage ledger: store %s: %s (counts kept, retried)", self.path, exc)
                 self._warned = True
@@ -255,12 +259,14 @@ class Analytics:
             args.append(-(-end // 3600))
         cond = (" WHERE " + " AND ".join(where)) if where else ""
         period = "hour" if granularity == "hour" else "(hour / 24) * 24"
-        sql = (f"SELECT {period} AS p, consumer, plan, api, SUM(requests), SUM(errors) FROM usage{cond} "
-               f"GROUP BY p, consumer, plan, api ORDER BY p, consumer, plan, api")
+        sql = (f"SELECT {period} AS p, consumer, plan, api, SUM(requests), SUM(errors), SUM(lat_sum_us) "
+               f"FROM usage{cond} GROUP BY p, consumer, plan, api ORDER BY p, consumer, plan, api")
         with self.lock:
             rows = self.conn.execute(sql, args).fetchall()
         return [{"period": _iso(p * 3600), "granularity": granularity, "consumer": cons, "plan": plan or None,
-                 "api": api or None, "requests": n, "errors": e} for p, cons, plan, api, n, e in rows]
+                 "api": api or None, "requests": n, "errors": e,
+                 "avg_latency_ms": round(lat / n / 1000, 3) if n else None}
+                for p, cons, plan, api, n, e, lat in rows]
 
     def summary(self, window: str = "1h", now: float | None = None) -> dict:
         seconds, res = WINDOWS[window]
@@ -385,7 +391,7 @@ def to_csv(rows: list[dict]) -> str:
     import io
 
     buf = io.StringIO()
-    cols = ["period", "granularity", "consumer", "plan", "api", "requests", "errors"]
+    cols = ["period", "granularity", "consumer", "plan", "api", "requests", "errors", "avg_latency_ms"]
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in rows:

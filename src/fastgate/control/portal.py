@@ -540,22 +540,38 @@ class Portal:
                          title=f"App {app['name']}")
 
     def usage(self, consumer: dict | None) -> dict:
-        """The app's hourly requests and errors over the last 7 days, from the usage ledger (no
-        per-consumer latency is recorded)."""
+        """The app's hourly requests, errors and average latency over the last 7 days, and its plan's
+        quotas used in the current UTC hour/day/month, from the usage ledger (exact counts)."""
+        empty = {"available": self.analytics is not None, "rows": [], "max": 0, "quotas": [], "chart": None}
         if consumer is None or self.analytics is None:
-            return {"available": self.analytics is not None, "rows": [], "max": 0}
+            return empty
+        from ..policies.plans import period_window
+
+        now = time.time()
         try:
-            rows = self.analytics.usage(consumer=consumer["username"], start=int(time.time()) - 7 * 86400)
+            rows = self.analytics.usage(consumer=consumer["username"], start=int(now) - 7 * 86400)
+            quotas = []
+            plan = self.store.get_plan(consumer["plan"]) if consumer.get("plan") else None
+            for q in (plan or {}).get("quotas", []):
+                period = q.get("period", "day")
+                _wid, start, _end = period_window(period, now)
+                used = sum(r["requests"] for r in self.analytics.usage(consumer=consumer["username"],
+                                                                        start=int(start)))
+                quotas.append({"period": period, "limit": q["limit"], "used": used,
+                               "percent": min(100.0, round(100 * used / q["limit"], 1))})
         except Exception as exc:  # noqa: BLE001 - the ledger is optional: the page still renders
             log.warning("portal: usage of %s: %s", consumer["username"], exc)
-            return {"available": False, "rows": [], "max": 0}
-        per: dict[str, list[int]] = {}
+            return {**empty, "available": False}
+        per: dict[str, list[float]] = {}
         for r in rows:
-            c = per.setdefault(r["period"], [0, 0])
+            c = per.setdefault(r["period"], [0, 0, 0.0])
             c[0] += r["requests"]
             c[1] += r["errors"]
-        out = [{"period": p, "requests": n, "errors": e} for p, (n, e) in sorted(per.items())]
-        return {"available": True, "rows": out, "max": max((r["requests"] for r in out), default=0)}
+            c[2] += (r["avg_latency_ms"] or 0) * r["requests"]
+        out = [{"period": p, "requests": n, "errors": e, "latency_ms": round(lat / n, 2) if n else None}
+               for p, (n, e, lat) in sorted(per.items())]
+        return {"available": True, "rows": out, "max": max((r["requests"] for r in out), default=0),
+                "quotas": quotas, "chart": _usage_chart(out)}
 
     async def subscribe(self, request: Request, form):
         app = self.my_app(request, form.get("app_id"))
@@ -667,3 +683,35 @@ def create_portal(store: Store, cfg, token: str | None = None, config_path: str 
 
 
 __all__ = ["create_portal", "hash_password", "check_password", "build_catalog"]
+
+
+def _usage_chart(rows: list[dict], now: float | None = None, hours: int = 24) -> dict | None:
+    """The last `hours` UTC hours (empty ones included): bars of requests with errors on top, and
+    the average latency as dots joined by a line — SVG coordinates for the template."""
+    if not rows:
+        return None
+    by_period = {r["period"]: r for r in rows}
+    last = int(now if now is not None else time.time()) // 3600
+    slots = []
+    for hour in range(last - hours + 1, last + 1):
+        period = time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime(hour * 3600))
+        slots.append(by_period.get(period) or {"period": period, "requests": 0, "errors": 0, "latency_ms": None})
+    w, h, pad = 640, 160, 24
+    top = max(r["requests"] for r in slots) or 1
+    lat_top = max((r["latency_ms"] or 0) for r in slots) or 1
+    step = (w - 2 * pad) / len(slots)
+    bars, dots = [], []
+    for i, r in enumerate(slots):
+        x = pad + i * step
+        bh = (h - 2 * pad) * r["requests"] / top
+        eh = (h - 2 * pad) * r["errors"] / top
+        if r["requests"]:
+            bars.append({"x": round(x + step * 0.1, 1), "w": round(max(1.0, step * 0.8), 1),
+                         "y": round(h - pad - bh, 1), "h": round(bh, 1), "ey": round(h - pad - eh, 1),
+                         "eh": round(eh, 1), "title": f"{r['period']}: {r['requests']} requests, {r['errors']} "
+                                                      f"errors, {r['latency_ms']} ms average"})
+        if r["latency_ms"] is not None:
+            dots.append((round(x + step / 2, 1), round(h - pad - (h - 2 * pad) * r["latency_ms"] / lat_top, 1)))
+    return {"w": w, "h": h, "pad": pad, "bars": bars, "dots": dots, "line": " ".join(f"{x},{y}" for x, y in dots),
+            "top": top, "lat_top": round(lat_top, 2), "first": slots[0]["period"][11:16],
+            "last": slots[-1]["period"][11:16]}

@@ -118,6 +118,9 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX oauth_tokens_by_kid ON oauth_tokens (kid, exp)",
         "CREATE INDEX oauth_tokens_revoked ON oauth_tokens (exp) WHERE revoked_at IS NOT NULL",
     ],
+    [  # 5: latency in the usage ledger — the sum of the gateway latencies (µs) of the counted requests
+        "ALTER TABLE usage ADD COLUMN lat_sum_us INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 OAUTH_SCHEMA = 4  # the first schema with the oauth_* tables

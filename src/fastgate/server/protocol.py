@@ -656,7 +656,7 @@ class GatewayProtocol(asyncio.Protocol):
             upstream = ex.t_head - ex.t_up if ex.t_head >= 0 else -1.0
             metrics.request(ex.route.stats if ex.route is not None else metrics.unmatched, status, elapsed, upstream)
             if ex.consumer is not None and self._state.usage is not None:
-                self._state.usage.record(ex.consumer, ex.route, status)
+                self._state.usage.record(ex.consumer, ex.route, status, elapsed)
             alog = self._state.access_log
             if alog is not None:
                 route = ex.route
