@@ -729,8 +729,24 @@ class AccessLog(Base):
     sample: Annotated[float, Meta(gt=0, le=1)] = 1.0  # the share of requests logged (errors: always)
 
 
+class Otlp(Base):
+    """OpenTelemetry export (otel.py): a SERVER span per proxied request, OTLP/HTTP JSON."""
+
+    endpoint: Annotated[str, Meta(pattern=r"^https?://[^/\s]+(/\S*)?$")]  # e.g. http://127.0.0.1:4318/v1/traces
+    service_name: Annotated[str, Meta(min_length=1, max_length=128)] = "fastgate"
+    sample: Annotated[float, Meta(ge=0, le=1)] = 1.0  # for traces the gateway starts; else the parent's flag
+    timeout: Seconds = 2.0
+    max_queue: Annotated[int, Meta(ge=512, le=1_000_000)] = 8192  # spans waiting; past it batches are dropped
+    headers: dict[HeaderName, str] = {}  # e.g. an API key for a hosted collector
+
+
 class Tracing(Base):
     propagate: bool = True  # W3C traceparent: forwarded when valid, generated when absent or invalid
+    otlp: Otlp | None = None
+
+    def __post_init__(self):
+        if self.otlp is not None and not self.propagate:
+            raise ValueError("otlp export needs propagate: true")
 
 
 # --- the document ----------------------------------------------------------------------------------

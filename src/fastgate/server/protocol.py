@@ -15,8 +15,8 @@ import asyncio
 import collections
 import logging
 import socket
-from random import getrandbits
-from time import perf_counter, time
+from random import getrandbits, random
+from time import perf_counter, time, time_ns
 
 import httptools
 
@@ -57,7 +57,7 @@ class Exchange:
                  "started", "last", "connecting", "local", "expect", "status", "consumer", "resp_extra",
                  "pending", "path", "query", "up_add", "claims", "body_parts", "held", "scratch", "client_ip",
                  "finished", "t0", "t_up", "t_head", "resp_drop", "capture", "cache_key", "trace",
-                 "upstream_bytes", "up_drop", "params", "host", "group", "canary")
+                 "upstream_bytes", "up_drop", "params", "host", "group", "canary", "span_parent")
 
     def __init__(self, proto):
         self.proto = proto
@@ -109,6 +109,7 @@ class Exchange:
         self.host = b""  # the authority routed on: Host, or an absolute-form target's (RFC 9112 3.2.2)
         self.group = None  # the UpstreamGroup proxied to: the route's, or its canary's
         self.canary = None  # the route's Canary when this request went to the canary
+        self.span_parent = None  # OTLP export: the client's span id (hex), the parent of the gateway's span
         self.cache_key = None  # the proxy-cache policy's note between its request and response hooks
         self.capture = None  # upstream.Capture when a response hook needs the body (cache, transforms)
         self.resp_drop = None  # lowercase names of upstream response headers response hooks remove
@@ -149,7 +150,7 @@ class WorkerState:
     """Global state shared by every connection of a worker."""
 
     __slots__ = ("loop", "gen", "connections", "date", "rid_prefix", "rid_n", "draining", "stats", "now",
-                 "requests", "metrics", "sampled", "access_log", "usage")
+                 "requests", "metrics", "sampled", "access_log", "usage", "spans")
 
     def __init__(self, loop, gen, date: bytes, rid_prefix: bytes):
         self.loop = loop
@@ -164,6 +165,7 @@ class WorkerState:
         self.requests = 0
         self.metrics = None  # metrics.WorkerMetrics, set by the worker
         self.access_log = None  # accesslog.AccessLog when the config has one
+        self.spans = None  # otel.SpanExporter with tracing.otlp
         self.usage = None  # control.analytics.UsageRecorder: the billing ledger's counts, set by the worker
         self.sampled = 0  # requests with policies; every SAMPLE_MASK+1-th has its hooks timed
 
@@ -432,8 +434,14 @@ class GatewayProtocol(asyncio.Protocol):
             ex.target_path = target + b"?" + query if query else target
             if gen.tracing:
                 tp = find_header(headers, b"traceparent")
+                spans = state.spans
                 if tp is None or not _valid_traceparent(tp):
-                    tp = b"00-%032x-%016x-01" % (getrandbits(128) | 1, getrandbits(64) | 1)
+                    sampled = spans is None or spans.sample >= 1.0 or random() < spans.sample
+                    tp = b"00-%032x-%016x-%s" % (getrandbits(128) | 1, getrandbits(64) | 1,
+                                                 b"01" if sampled else b"00")
+                elif spans is not None:  # the gateway's own span, a child of the client's
+                    ex.span_parent = tp[36:52]
+                    tp = b"%s%016x%s" % (tp[:36], getrandbits(64) | 1, tp[52:])
                 ex.trace = tp
                 ex.up_add = ((b"traceparent", tp),)
         chain = route.chain
@@ -669,6 +677,19 @@ class GatewayProtocol(asyncio.Protocol):
                              ex.upstream_bytes if ex.t_up >= 0 else None,
                              len(ex.local) if ex.local else None, round(elapsed * 1000, 3),
                              round(upstream * 1000, 3) if upstream >= 0 else None), status)
+        spans = self._state.spans
+        if spans is not None and ex.trace is not None and ex.t0 and int(ex.trace[53:55], 16) & 1:
+            end = time_ns()
+            route = ex.route
+            consumer = ex.consumer
+            status = ex.status or (int(ex.local[9:12]) if ex.local else 0)
+            spans.record((ex.trace[3:35].decode(), ex.trace[36:52].decode(),
+                          ex.span_parent.decode() if ex.span_parent else None, ex.method.decode("latin-1"),
+                          route.name, route.api, consumer.username if consumer is not None else None,
+                          ex.path.decode("latin-1"), status, ex.client_ip.decode(),
+                          ex.group.name if ex.group is not None else None,
+                          end - int((perf_counter() - ex.t0) * 1e9), end,
+                          round((ex.t_head - ex.t_up) * 1000, 3) if ex.t_head >= 0 else None))
         if ex.route is not None and ex.route.chain.done:
             self._done(ex)
         state = self._state

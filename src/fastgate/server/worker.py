@@ -63,6 +63,10 @@ class Worker:
         self.state = state = WorkerState(loop, gen, date_line(), os.urandom(8).hex().encode())
         state.metrics = WorkerMetrics(self.host_metrics)
         state.usage = UsageRecorder.for_config(self.cfg)
+        if self.cfg.tracing.otlp is not None:
+            from ..otel import SpanExporter
+
+            state.spans = SpanExporter(self.cfg.tracing.otlp, self.number)
         al = self.cfg.access_log
         if al is not None:
             state.access_log = AccessLog(al, 1.0) if isinstance(al, str) else AccessLog(al.path, al.sample)
@@ -95,6 +99,8 @@ class Worker:
             state.usage.close()
         if state.access_log is not None:
             state.access_log.close()
+        if state.spans is not None:
+            state.spans.close()
         if self.redis is not None:  # resolve pending calls, stop the reconnect task
             await self.redis.close()
 
@@ -169,6 +175,8 @@ class Worker:
         self._flush_metrics()
         if state.access_log is not None:
             state.access_log.flush()
+        if state.spans is not None:
+            state.spans.flush()
         state.now = now = self.loop.time()
         wall = int(time.time())
         if state.usage is not None:
