@@ -1,7 +1,7 @@
 """The access log: one JSON line per request, for operators and for billing.
 
 The hot path appends a tuple to a per-worker list; the worker's tick (about once a second, and
-when the list grows past BATCH) serialises the batch with orjson and hands it to the kernel in
+when the list grows past BATCH) serialises the batch with msgspec (one call) and hands it to the kernel in
 one write() on a file opened O_APPEND, so lines from several workers never interleave. SIGUSR1
 reopens the file (logrotate's postrotate). `sample` logs that share of requests; 4xx/5xx answers
 are always logged.
@@ -17,11 +17,35 @@ import os
 import random
 import time
 
-import orjson
+import msgspec
 
 BATCH = 512
 FIELDS = ("ts", "request_id", "trace_id", "worker", "client_ip", "method", "path", "route", "api", "consumer",
           "status", "request_bytes", "upstream_bytes", "response_bytes", "gateway_ms", "upstream_ms")
+
+
+class Line(msgspec.Struct, gc=False):
+    """One access-log line; the fields in FIELDS order."""
+
+    ts: str
+    request_id: str
+    trace_id: str | None
+    worker: int
+    client_ip: str
+    method: str
+    path: str
+    route: str | None
+    api: str | None
+    consumer: str | None
+    status: int
+    request_bytes: int
+    upstream_bytes: int | None
+    response_bytes: int | None
+    gateway_ms: float
+    upstream_ms: float | None
+
+
+_ENCODER = msgspec.json.Encoder()
 
 
 class AccessLog:
@@ -55,12 +79,16 @@ class AccessLog:
         rows, self.pending = self.pending, []
         pid = self.pid
         out = []
-        for r in rows:
-            doc = dict(zip(FIELDS, r, strict=True))
-            doc["ts"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(r[0])) + f".{int(r[0] * 1000 % 1000):03d}Z"
-            doc["worker"] = pid
-            out.append(orjson.dumps(doc))
-        data = b"\n".join(out) + b"\n"
+        sec, prefix = -1, ""
+        for (t, rid, trace, _w, client, method, path, route, api, consumer, status, req_b, up_b, resp_b,
+             gw_ms, up_ms) in rows:
+            s = int(t)
+            if s != sec:  # one strftime per second of traffic, not per line
+                sec, prefix = s, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
+            out.append(Line(f"{prefix}.{int(t * 1000) % 1000:03d}Z", rid, trace, pid, client, method, path, route,
+                            api, consumer, status, req_b, up_b, resp_b, gw_ms, up_ms))
+        # one call for the batch: msgspec writes the lines ~10x faster than a dumps() per line
+        data = _ENCODER.encode_lines(out)
         try:
             os.write(self.fd, data)
         except OSError:  # a full disk must not take the worker down: count what was lost
