@@ -2,6 +2,8 @@
 client gets, and what the upstream saw."""
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import orjson
 
@@ -146,3 +148,74 @@ async def test_cache_stores_the_transformed_body(loop):
         b = await c.get(url)
         assert a.json() == b.json() == {"keep": 1, "n": 1}
         assert b.headers["x-cache"] == "HIT" and len(calls) == 1
+
+
+# --- backend redis: one cache for every worker and node -----------------------------------------------
+def shared_doc(up: Upstream, redis_url: str, **policy) -> dict:
+    d = doc(up, {"type": "proxy-cache", "backend": "redis", **policy})
+    d["counters"] = {"redis": {"url": redis_url, "timeout": 0.2}}
+    return d
+
+
+async def test_shared_cache_is_seen_by_another_worker_and_expires(loop):
+    from tests.redis_server import RedisServer
+
+    handler, calls = counting({"Cache-Control": "max-age=1", "Vary": "Accept-Language"})
+    with RedisServer() as redis:
+        async with Upstream(handler) as up, gateway(shared_doc(up, redis.url)) as a, \
+                gateway(shared_doc(up, redis.url)) as b, httpx.AsyncClient() as c:
+            hdrs = {"Accept-Language": "fr", "Host": "api.example.com"}  # the Host is in the key
+            first = await c.get(f"http://127.0.0.1:{a.port}/p", headers=hdrs)
+            assert first.headers["x-cache"] == "MISS" and first.text == "hello 1"
+            for _ in range(50):  # the SET is sent after the response: wait until it is there
+                if redis.command("KEYS", "*cache:*"):
+                    break
+                await asyncio.sleep(0.02)
+            # another worker (another node alike) answers from Redis
+            hit = await c.get(f"http://127.0.0.1:{b.port}/p", headers=hdrs)
+            assert hit.headers["x-cache"] == "HIT" and hit.text == "hello 1" and "age" in hit.headers
+            # Vary: another language is another entry
+            other = await c.get(f"http://127.0.0.1:{b.port}/p", headers={**hdrs, "Accept-Language": "de"})
+            assert other.headers["x-cache"] == "MISS" and other.text == "hello 2"
+            # the entry expires with its max-age (Redis PX)
+            assert 0 < int(redis.command("PTTL", redis.command("KEYS", "*cache:*")[0])) <= 1000
+            await asyncio.sleep(1.2)
+            late = await c.get(f"http://127.0.0.1:{a.port}/p", headers=hdrs)
+            assert late.headers["x-cache"] == "MISS" and late.text == "hello 3"
+            assert len(calls) == 3
+
+
+async def test_shared_cache_with_redis_down_is_a_miss_not_an_error(loop):
+    from tests.redis_server import RedisServer
+
+    handler, calls = counting({"Cache-Control": "max-age=60"})
+    with RedisServer() as redis:
+        async with Upstream(handler) as up, gateway(shared_doc(up, redis.url)) as gw, httpx.AsyncClient() as c:
+            url = f"http://127.0.0.1:{gw.port}/q"
+            await c.get(url)
+            for _ in range(50):
+                r = await c.get(url)
+                if r.headers["x-cache"] == "HIT":
+                    break
+                await asyncio.sleep(0.02)
+            assert r.headers["x-cache"] == "HIT"
+            redis.stop()
+            for _ in range(5):
+                r = await c.get(url)
+                assert r.status_code == 200 and r.headers["x-cache"] == "MISS"
+            policy = gw.state.gen.routes[0].chain.policies[0]
+            assert policy.errors >= 5
+            assert len(calls) == 1 + 5
+
+
+def test_backend_redis_without_a_redis_is_a_config_error():
+    import pytest
+
+    from fastgate.config.load import load_config
+    from fastgate.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(config(routes=[{"name": "r", "paths": ["/*"], "upstream": "u",
+                                    "policies": [{"type": "proxy-cache", "backend": "redis"}]}],
+                           upstreams=[{"name": "u", "targets": [{"address": "127.0.0.1:1"}]}]))
+    assert [i.path for i in info.value.issues] == ["$.routes[0].policies[0].backend"]

@@ -354,6 +354,7 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
                 issues.append(ConfigIssue(f"{path}.hosts[{h}]", str(exc), "e.g. api.example.com or *.example.com"))
     issues += admin_issues(cfg)
     issues += _store_issues(cfg)
+    issues += _redis_policy_issues(cfg)
     if cfg.oauth.enabled and not any(li.kind == "admin" for li in cfg.listeners):
         issues.append(ConfigIssue("$.oauth.enabled", "the OAuth endpoints are served by the control process, "
                                   "which runs only with an admin listener", "add {kind: admin, port: 8001} "
@@ -363,6 +364,24 @@ def check_references(cfg: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue(f"$.consumers[{i}].plan", f"unknown plan `{c.plan}`",
                                       "defined: " + (", ".join(sorted(plans)) or "none")))
     return issues
+
+
+def _redis_policy_issues(cfg: Config) -> list[ConfigIssue]:
+    """A policy that asks for `backend: redis` needs the workers to have a Redis client."""
+    if cfg.counters.redis is not None or cfg.counters.backend == "redis":
+        return []
+    found = [(f"$.policies[{i}]", p) for i, p in enumerate(cfg.policies)]
+    for a, api in enumerate(cfg.apis):
+        found += [(f"$.apis[{a}].policies[{i}]", p) for i, p in enumerate(api.policies)]
+    for path, r, _a, _v in all_routes(cfg):
+        found += [(f"{path}.policies[{i}]", p) for i, p in enumerate(r.policies)]
+    for c, con in enumerate(cfg.consumers):
+        found += [(f"$.consumers[{c}].policies[{i}]", p) for i, p in enumerate(con.policies)]
+    for n, plan in enumerate(cfg.plans):
+        found += [(f"$.plans[{n}].policies[{i}]", p) for i, p in enumerate(plan.policies)]
+    return [ConfigIssue(f"{path}.backend", "backend redis, but no Redis is configured",
+                        "add counters: {redis: {url: redis://host:6379/0}}")
+            for path, p in found if getattr(p, "backend", None) == "redis"]
 
 
 def _store_issues(cfg: Config) -> list[ConfigIssue]:

@@ -498,7 +498,7 @@ class RequireScopes(Policy, tag="require-scopes"):
 
 
 class ProxyCache(Policy, tag="proxy-cache"):
-    """Per-worker LRU of upstream responses, honouring Cache-Control and Vary."""
+    """Upstream responses kept per worker (an LRU) or in Redis, honouring Cache-Control and Vary."""
 
     ttl: Seconds = 60.0  # when the response says nothing (s-maxage / max-age win)
     methods: list[Literal["GET", "HEAD"]] = msgspec.field(default_factory=lambda: ["GET", "HEAD"])
@@ -508,6 +508,7 @@ class ProxyCache(Policy, tag="proxy-cache"):
     max_entries: Count = 10000
     max_body: Bytes = 1048576  # larger responses are passed through, not stored
     cache_authenticated: bool = False  # cache answers to requests with credentials (Authorization, a consumer)
+    backend: Literal["local", "redis"] = "local"  # redis: one cache shared by every worker of every node
 
 
 class ResponseBody(Policy, tag="response-body"):

@@ -426,6 +426,18 @@ class RedisCounters:
             return None
         return cl.conns.get(cl.slots[key_slot(self._pre + key + b"}")])
 
+    def command(self, key: bytes, *args) -> asyncio.Future:
+        """Any command on the connection that serves the Redis key `prefix{key}` (its cluster node's),
+        bounded by `timeout`; raises ConnectionFailure at once while Redis is down. For the policies
+        that keep data rather than counts (the shared proxy cache)."""
+        conn = self._link(key) if self._cluster is not None else self._conn
+        if conn is None or conn.closed:
+            raise ConnectionFailure("redis is down")
+        return conn.execute(*args)
+
+    def full_key(self, key: bytes) -> bytes:
+        return self._pre + key + b"}"
+
     # -- decisions -------------------------------------------------------------------------------
     def gcra(self, key: bytes, rate: float, per_s: float, burst: int, cost: int = 1):
         if self.lease:

@@ -18,8 +18,10 @@ up to `max_bytes`; past it, or when the body is not JSON, see below).
 from __future__ import annotations
 
 import collections
+import hashlib
 import time
 
+import msgspec
 import orjson
 
 from ..config.schema import ProxyCache, ResponseBody
@@ -72,7 +74,10 @@ class ProxyCachePolicy:
         self.statuses = frozenset(cfg.statuses)
         self.vary_headers = tuple(h.lower().encode() for h in cfg.vary_headers)
         self.entries: collections.OrderedDict[bytes, Entry] = collections.OrderedDict()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.errors = 0
+        # backend redis: entries live in Redis (shared by every worker and node), keyed per route
+        self.redis = ctx.counters.backend("redis") if cfg.backend == "redis" else None
+        self.scope = f"cache:{ctx.owner}|{ctx.route}:".encode()
 
     def _key(self, ex) -> bytes:
         parts = [b"GET" if ex.method == b"HEAD" else ex.method, ex.host, ex.path]
@@ -94,6 +99,8 @@ class ProxyCachePolicy:
             ex.resp_extra += b"X-Cache: BYPASS\r\n"
             return None
         key = self._key(ex)
+        if self.redis is not None:
+            return self._shared_lookup(ex, key, b"no-cache" not in cc)
         if b"no-cache" not in cc:
             entry = self.entries.get(key)
             if entry is not None:
@@ -108,6 +115,60 @@ class ProxyCachePolicy:
         ex.cache_key = key
         ex.resp_extra += b"X-Cache: MISS\r\n"
         return None
+
+    # --- backend redis ------------------------------------------------------------------------
+    def _redis_key(self, key: bytes) -> bytes:
+        return self.scope + hashlib.sha256(key).hexdigest().encode()
+
+    def _shared_lookup(self, ex, key: bytes, lookup: bool):
+        ex.cache_key = key
+        if not lookup:
+            self.misses += 1
+            ex.resp_extra += b"X-Cache: MISS\r\n"
+            return None
+        rkey = self._redis_key(key)
+        try:
+            fut = self.redis.command(rkey, b"GET", self.redis.full_key(rkey))
+        except Exception:  # noqa: BLE001 - Redis down: a miss (the cache is an optimisation)
+            return self._shared_miss(ex, error=True)
+        return self._shared_wait(ex, fut)
+
+    async def _shared_wait(self, ex, fut):
+        try:
+            blob = await fut
+        except Exception:  # noqa: BLE001 - slow, down, an error reply: a miss
+            return self._shared_miss(ex, error=True)
+        if blob is None:
+            return self._shared_miss(ex)
+        try:
+            stored, head, body, vary = msgspec.msgpack.decode(blob)
+        except (msgspec.DecodeError, ValueError, TypeError):
+            return self._shared_miss(ex, error=True)
+        if not all(ex.header(name) == value for name, value in vary):
+            return self._shared_miss(ex)
+        self.hits += 1
+        now = time.time()
+        return self._hit(ex, Entry(0.0, stored, head, body, tuple(vary)), now)
+
+    def _shared_miss(self, ex, error: bool = False):
+        self.misses += 1
+        self.errors += error
+        ex.resp_extra += b"X-Cache: MISS\r\n"
+        return None
+
+    def _shared_store(self, key: bytes, ttl: float, vary, head: bytes, body: bytes) -> None:
+        rkey = self._redis_key(key)
+        blob = msgspec.msgpack.encode((time.time(), head, body, [list(v) for v in vary]))
+        try:
+            fut = self.redis.command(rkey, b"SET", self.redis.full_key(rkey), blob, b"PX", str(int(ttl * 1000)))
+        except Exception:  # noqa: BLE001 - not stored: the next request is a miss, nothing else
+            self.errors += 1
+            return
+        fut.add_done_callback(self._stored)
+
+    def _stored(self, fut) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            self.errors += 1
 
     def _hit(self, ex, entry: Entry, now: float) -> bytes:
         route = ex.route
@@ -163,6 +224,9 @@ class ProxyCachePolicy:
         if type(note) is not tuple:
             return None
         key, ttl, vary, head = note
+        if self.redis is not None:
+            self._shared_store(key, ttl, vary, head, body)
+            return None
         now = self.now()
         self.entries[key] = Entry(now + ttl, now, head, body, vary)
         self.entries.move_to_end(key)
