@@ -224,9 +224,17 @@ def main() -> int:
             procs.append(ng)
             fg = start_fastgate(tmp, fg_port, route_config(1, up_port), args.subject_cpu)
             procs.append(fg)
+            # the yardstick: the least a Python proxy on uvloop + httptools can do (bench/lean_proxy.py)
+            lean_port = free_port()
+            lean = subprocess.Popen(["taskset", "-c", args.subject_cpu, sys.executable, str(HERE / "lean_proxy.py"),
+                                     str(lean_port), str(up_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(lean)
+            wait_port(lean_port)
             subjects = [
                 Subject("upstream direct (no proxy)", up_port, None, lambda: []),
                 Subject("nginx proxy (1 worker)", ng_port, ng, lambda: children(ng.pid)),
+                Subject("lean Python proxy (uvloop + httptools, no gateway work)", lean_port, lean,
+                        lambda: [lean.pid]),
                 Subject("fastgate (1 worker)", fg_port, fg, lambda: children(fg.pid)),
             ]
             results = {s.name: [] for s in subjects}
@@ -240,7 +248,7 @@ def main() -> int:
             fg_rss = rss_kb(children(fg.pid)[0]) // 1024
             sections.append(("Plain proxied route", table(results, "nginx proxy (1 worker)"),
                              f"fastgate worker RSS after the run: {fg_rss} MB"))
-            for p in (ng, fg):
+            for p in (ng, fg, lean):
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
                 procs.remove(p)
