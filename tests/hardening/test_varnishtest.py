@@ -29,6 +29,11 @@ from tests.harness import config, free_port, gateway
 
 VTC_DIR = Path(__file__).parent / "vtc"
 SCRIPTS = sorted(VTC_DIR.glob("*.vtc"))
+# scripts that show a known gateway bug: xfail(strict=True), so fixing the bug fails here until the
+# mark goes (README "Hardening")
+KNOWN_BUGS = {
+    "known_bug_te_gzip_response": "a response with Transfer-Encoding: gzip alone loses its coding (not a 502)",
+}
 VTC_TIMEOUT = 20  # seconds, varnishtest's own -t; the subprocess is killed a little after it
 
 
@@ -69,7 +74,9 @@ async def run_vtc(binary: str, script: Path, gw_port: int, up_port: int) -> tupl
 
 
 @pytest.mark.parametrize("loop", ["uvloop"], indirect=True)
-@pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
+@pytest.mark.parametrize("script", [
+    pytest.param(s, id=s.stem, marks=[pytest.mark.xfail(reason=KNOWN_BUGS[s.stem], strict=True)])
+    if s.stem in KNOWN_BUGS else pytest.param(s, id=s.stem) for s in SCRIPTS])
 async def test_vtc(loop, script):
     binary = _varnishtest()
     up_port = free_port()
