@@ -15,7 +15,7 @@ when_bytes_are_forwarded` proves the idiom by running such a script against a pl
 which forwards everything.
 
 By hand: `varnishtest -t 20 -Dgw_port=<gateway> -Dup_port=<free port> tests/hardening/vtc/<f>.vtc`
-with a gateway configured as `VTC_CONFIG` below (see README "Hardening").
+with a gateway configured as `vtc_config()` below (see README "Hardening").
 """
 from __future__ import annotations
 
