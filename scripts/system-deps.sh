@@ -3,7 +3,7 @@
 # we can (root + apt-get), otherwise say exactly what to install. Never fails the build by itself:
 # a test that needs a missing tool fails (under CI=true) or skips with the same message.
 set -u
-declare -A PKG=( [curl]=curl [redis-server]=redis-server [wrk]=wrk [nginx]=nginx-light [chromium]=chromium [slowhttptest]=slowhttptest )
+declare -A PKG=( [curl]=curl [redis-server]=redis-server [wrk]=wrk [nginx]=nginx-light [chromium]=chromium [slowhttptest]=slowhttptest [varnishtest]=varnish )
 missing=()
 for bin in "${!PKG[@]}"; do
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || missing+=("${PKG[$bin]}")

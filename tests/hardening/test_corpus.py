@@ -165,6 +165,8 @@ REJECTED = [
     ("target_del", "garden", b"GET /a\x7fb HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("target_raw_utf8", "garden", b"GET /\xc3\xa9 HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("target_fragment", "haproxy h1_authority_fragment_char.vtc", b"GET /a#frag HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("target_fragment_absolute", "haproxy h1_authority_fragment_char.vtc c2",
+     b"GET http://hostname/abc#frag HTTP/1.1\r\nHost: hostname\r\n\r\n", 400),
     ("target_asterisk_get", "haproxy h1_request_target_validation.vtc c5", b"GET * HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("target_asterisk_path", "haproxy h1_request_target_validation.vtc c4", b"OPTIONS */test HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("target_relative", "haproxy h1_request_target_validation.vtc c13", b"GET admin HTTP/1.1\r\n" + H + b"\r\n", 400),

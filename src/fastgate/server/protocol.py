@@ -374,6 +374,8 @@ class GatewayProtocol(asyncio.Protocol):
         if url[:1] == b"/":
             path, _, query = url.partition(b"?")
         elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+            if b"#" in url:  # absolute-URI has no fragment (RFC 9112 3.2.2), as origin-form has none
+                return self._reject(400, "bad_request", "invalid request target")
             try:
                 u = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
