@@ -296,9 +296,11 @@ def scan_response_head(data, start: int, head_request: bool, max_size: int) -> R
         body_mode = 0
         if not te_seen and status >= 200 and status != 204 and cl is not None:
             content_length = cl
-    elif te_seen:                                                # ¶4: chunked last, else until close
-        body_mode = 2 if chunked else 3
-        te = b", ".join(te_values) if chunked else None
+    elif te_seen:                                                # ¶4: chunked last, else until close —
+        if not chunked:                                          # but a coding the gateway would drop
+            raise ValueError("response transfer coding other than chunked")  # is refused (502)
+        body_mode = 2
+        te = b", ".join(te_values)
     elif cl is not None:
         body_mode = 1
         content_length = cl

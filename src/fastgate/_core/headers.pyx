@@ -712,11 +712,10 @@ cdef object _scan_response(const char* p, Py_ssize_t n, Py_ssize_t start, bint h
         if not te_seen and status >= 200 and status != 204:
             rh.content_length = cl
     elif te_seen:
-        if chunked:
-            rh.body_mode = 2
-            rh.te = te_value
-        else:
-            rh.body_mode = 3
+        if not chunked:  # gzip etc. alone: the client could not undo a coding we drop; nginx, HAProxy: 502
+            raise ValueError("response transfer coding other than chunked")
+        rh.body_mode = 2
+        rh.te = te_value
     elif cl_seen:
         rh.body_mode = 1
         rh.content_length = cl
