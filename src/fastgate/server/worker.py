@@ -19,6 +19,7 @@ from ..counters.local import Counters, LocalCounters
 from ..counters.redis import RedisCounters
 from ..metrics import HostMetrics, WorkerMetrics
 from ..metrics import render as render_metrics
+from .accept import AcceptServer
 from .generation import Generation
 from .metrics_http import MetricsProtocol
 from .protocol import GatewayProtocol, WorkerState
@@ -78,8 +79,11 @@ class Worker:
                 continue
             ctx = ssl_context(listener.tls) if listener.tls is not None else None
             scheme = b"https" if ctx is not None else b"http"
-            server = await loop.create_server(lambda s=scheme: GatewayProtocol(state, s), sock=sock, ssl=ctx,
-                                              backlog=listener.backlog)
+            if isinstance(loop, uvloop.Loop):
+                server = await loop.create_server(lambda s=scheme: GatewayProtocol(state, s), sock=sock, ssl=ctx,
+                                                  backlog=listener.backlog)
+            else:  # stock asyncio spins on EMFILE in its own accept loop (server/accept.py)
+                server = AcceptServer(loop, sock, lambda s=scheme: GatewayProtocol(state, s), ctx, listener.backlog)
             self.servers.append(server)
         self._stopping = loop.create_future()
         if self.install_signals:
