@@ -127,7 +127,7 @@ class Load:
         return self.statuses[start:start + n]
 
 
-def test_fail_open_redis_stopped_paused_and_restarted_under_load(tmp_path, redis):
+def test_fail_open_redis_stopped_paused_restarted_and_flushed_under_load(tmp_path, redis):
     mport = free_port()
     gw = Gateway(tmp_path, config(redis.url, "exact", "fail_open", limit=10**6, metrics_port=mport), workers=2)
     try:
@@ -140,6 +140,8 @@ def test_fail_open_redis_stopped_paused_and_restarted_under_load(tmp_path, redis
             redis.pause(1000)  # slower than the timeout: the same fallback, then recovery
             assert {s for s, _ in load.wait(200)} == {200}
             redis.command("SCRIPT", "FLUSH")
+            assert {s for s, _ in load.wait(200)} == {200}
+            redis.command("FLUSHALL")  # every counter gone at once: decisions start afresh, no error
             assert {s for s, _ in load.wait(200)} == {200}
         metrics = httpx.get(f"http://127.0.0.1:{mport}/metrics").text
         fallbacks = [line for line in metrics.splitlines() if line.startswith("fastgate_counters_redis_fallbacks_total")]
