@@ -343,12 +343,17 @@ def cmd_oauth(args) -> int:
         if args.json:
             _print_json(doc)
         else:
-            _table([{**k, "created_at": when(k["created_at"]), "drop_after": when(k["drop_after"])} for k in doc],
-                   ["kid", "alg", "state", "created_at", "drop_after"])
+            _table([{**k, "created_at": when(k["created_at"]), "drop_after": when(k["drop_after"]),
+                     "signs_from": when(k.get("signs_from"))} for k in doc],
+                   ["kid", "alg", "state", "created_at", "signs_from", "drop_after"])
         return 0
     _, doc = _admin_call(args, "POST", "/oauth-keys/rotate")
     if args.json:
         _print_json(doc)
+        return 0
+    if doc["state"] == "next":
+        print(f"signing key {doc['kid']} ({doc['alg']}) is published; it signs from {when(doc['signs_from'])} "
+              "(oauth.publish_ahead), the current key until then")
         return 0
     print(f"signing key {doc['kid']} ({doc['alg']}) is now active")
     prev = doc.get("previous")

@@ -39,6 +39,7 @@ oauth:
   issuer: http://127.0.0.1:{portal}
   audience: {audience}
   token_lifetime: 600
+  publish_ahead: 2
   algorithm: RS256
   scopes: [read, write, admin]
 plans:
@@ -51,7 +52,7 @@ routes:
     policies:
       - type: jwt
         jwks_url: http://127.0.0.1:{portal}/.well-known/jwks.json
-        jwks_cooldown: 0.2
+        jwks_cooldown: 1
         issuer: http://127.0.0.1:{portal}
         audience: {audience}
         check_revoked: true
@@ -191,22 +192,26 @@ def test_token_rotation_overlap_and_revocation_end_to_end(gw):
         assert gw.call("/api", old) == 200
     assert gw.call("/write", old) == 200  # it carries the `write` scope
 
-    # rotation: new tokens carry the new kid and work; the old key stays published, the old token works
+    # rotation: the new key is published at once and signs `publish_ahead` (2 s) later — longer than
+    # the verifiers' jwks_cooldown (1 s) — so its first token is accepted by every worker at once;
+    # the old key stays published, the old token works
     before = kids(gw)
     r = gw.admin.post("/oauth-keys/rotate")
     assert r.status_code == 200, r.text
     rotated = r.json()
-    assert rotated["previous"]["kid"] == header["kid"] and rotated["kid"] != header["kid"]
-    assert rotated["previous"]["drop_after"] >= claims["exp"]  # not dropped before its last token expires
+    assert rotated["state"] == "next" and rotated["kid"] != header["kid"] and rotated["signs_from"] > time.time()
+    assert set(kids(gw)) == {rotated["kid"], header["kid"]} and set(before) < set(kids(gw))
+    still = gw.token(client).json()["access_token"]
+    assert jwt.get_unverified_header(still)["kid"] == header["kid"]  # the old key signs until then
+    time.sleep(max(0.0, rotated["signs_from"] - time.time()) + 0.05)
     new = gw.token(client).json()["access_token"]
     assert jwt.get_unverified_header(new)["kid"] == rotated["kid"] != header["kid"]
-    assert set(kids(gw)) == {rotated["kid"], header["kid"]} and set(before) < set(kids(gw))
-    wait_for(lambda: gw.call("/api", new) == 200, 15, "a token signed with the new key to be accepted")
-    for _ in range(10):
+    for _ in range(10):  # no waiting: every worker knows the key, or may refetch the set at once
         assert gw.call("/api", new) == 200
         assert gw.call("/api", old) == 200
     keys = {k["kid"]: k for k in gw.admin.get("/oauth-keys").json()}
     assert keys[header["kid"]]["state"] == "retired" and keys[rotated["kid"]]["state"] == "active"
+    assert keys[header["kid"]]["drop_after"] >= claims["exp"]  # not dropped before its last token expires
 
     # revocation (RFC 7009, client_secret_post this time): refused on every worker within ~a second
     r = gw.portal.post("/oauth/revoke", data={"token": old, "token_type_hint": "access_token",
@@ -439,6 +444,30 @@ def test_cli_wrapper_rotates_the_signing_key(gw):
 
     active = next(k["kid"] for k in json.loads(cli("keys", "--json")) if k["state"] == "active")
     out = cli("rotate-key")
-    assert f"{active} stays in the JWKS until" in out
+    assert "is published; it signs from" in out
     new = out.split()[2]
-    assert new != active and new in cli("keys") and kids(gw)[0] == new and active in kids(gw)
+    states = {k["kid"]: k["state"] for k in json.loads(cli("keys", "--json"))}
+    assert new != active and states[new] == "next" and states[active] == "active"
+    assert set(kids(gw)[:2]) == {active, new}  # published ahead of signing
+
+
+def test_a_key_published_ahead_signs_from_its_time_even_across_a_restart(store_cfg):
+    from fastgate.control.oauth import AuthServer, generate_key
+
+    store, cfg = store_cfg
+    server = AuthServer(store, cfg.oauth)
+    server.ensure_key()
+    old = server.signer()[0]
+    store.record_oauth_token("alive", "fgc_x", old, time.time() + 60)  # keeps the old key published
+    kid, pem, jwk = generate_key("ES256")
+    out = store.schedule_oauth_key("test", kid, "ES256", pem, jwk, time.time() + 0.5)
+    assert out["state"] == "next"
+    assert [k["kid"] for k in store.oauth_keys()] == [old, kid]  # published, not signing
+    restarted = AuthServer(store, cfg.oauth)  # a control process that restarts meanwhile
+    restarted.ensure_key()
+    assert restarted.signer()[0] == old and store.active_oauth_key()["kid"] == old
+    time.sleep(0.6)
+    assert restarted.signer()[0] == kid  # its time came: it signs, the old one retires
+    keys = {k["kid"]: k for k in store.oauth_keys()}
+    assert keys[kid]["state"] == "active" and keys[old]["state"] == "retired"
+    assert [a["action"] for a in store.list_audit(10, "oauth_key")][:2] == ["activate", "schedule"]

@@ -125,6 +125,9 @@ class OAuth(Base):
     # a retired key stays published until every token it signed has expired, plus this margin (the
     # verifiers' clock leeway: the jwt policy's default is 30 s)
     overlap_margin: Annotated[float, Meta(ge=0, le=86400)] = 60.0
+    # a rotated-in key is published this long before it signs: verifiers that cached the key set
+    # (the jwt policy refetches on an unknown kid at most once per jwks_cooldown, 30 s) know it by then
+    publish_ahead: Annotated[float, Meta(ge=0, le=86400)] = 60.0
     scopes: list[Scope] = []  # scopes_supported; when given, a client may only be allowed these
 
     def __post_init__(self):

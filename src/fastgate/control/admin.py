@@ -496,8 +496,9 @@ ENDPOINTS = [
      "the old one stops working, tokens already issued stay valid", None, 200),
     ("GET", "/oauth-keys", "oauth_keys", "The OAuth signing keys still published: the active one, retired ones "
      "until their tokens expire (never a private part)", None, 200),
-    ("POST", "/oauth-keys/rotate", "oauth_keys_rotate", "A new signing key, used from now on; the previous one stays "
-     "in the JWKS until every token it signed has expired", None, 200),
+    ("POST", "/oauth-keys/rotate", "oauth_keys_rotate", "A new signing key: published at once, signing from "
+     "`signs_from` (oauth.publish_ahead); the previous one stays in the JWKS until every token it signed has expired",
+     None, 200),
     ("GET", "/audit", "audit", "Audit log, newest first (?entity=&limit=&before=ID)", None, 200),
     ("GET", "/openapi.json", "openapi", "This document", None, 200),
     ("GET", "/analytics/summary", None, "Traffic over ?window=1h|1d: rps, latency quantiles, error rate, top "

@@ -9,12 +9,14 @@
 - `POST /oauth/revoke` (RFC 7009): the client revokes one of its tokens; 200 for a token that is not
   one (or no longer known). Revoked `jti`s reach every worker through the store (control/directory.py)
   and the jwt policy's `check_revoked` refuses them.
-- `GET /.well-known/jwks.json`: the public keys — the signing key and retired keys whose tokens may
-  still be alive; `GET /.well-known/oauth-authorization-server`: RFC 8414 metadata.
+- `GET /.well-known/jwks.json`: the public keys — the signing key, the next one (published ahead of
+  signing) and retired keys whose tokens may still be alive; `GET /.well-known/oauth-authorization-server`: RFC 8414 metadata.
 
 Keys are made here with `cryptography` and kept in the store (private part as PKCS#8 PEM, in the
 SQLite file: protect it like a key file). Rotation (`rotate`, the admin API's `POST /oauth-keys/rotate`)
-makes a new signing key at once; the old one stays in the JWKS until the last token it signed has
+makes a new key and publishes it at once; it starts signing `oauth.publish_ahead` seconds later
+(verifiers that cached the key set — the jwt policy refetches on an unknown kid at most once per
+`jwks_cooldown` — have it by then). The old one stays in the JWKS until the last token it signed has
 expired, plus `oauth.overlap_margin`, then is dropped. Nothing here signs or verifies by hand: pyjwt
 does the JWS work, `cryptography` makes the keys.
 """
@@ -117,6 +119,7 @@ class AuthServer:
         self.audience = cfg.audience
         self.supported_scopes = frozenset(cfg.scopes)
         self._signer: tuple[str, str, object] | None = None  # (kid, alg, private key object)
+        self._next_at: float | None = None  # when the key published ahead starts signing
 
     # --- keys -------------------------------------------------------------------------------------
     def ensure_key(self) -> None:
@@ -129,19 +132,39 @@ class AuthServer:
             log.info("oauth: new %s signing key %s%s", self.cfg.algorithm, kid,
                      f" (replaces {row['kid']}, a {row['alg']} key)" if row else "")
         self._signer = None
+        self._promote()  # a key scheduled before a restart whose time has come (or comes later)
 
     async def rotate(self, actor: str) -> dict:
-        """A new signing key, used from now on; the previous one stays published until its tokens expire."""
+        """A new signing key: published at once, signing `publish_ahead` seconds later (so verifiers
+        that cached the key set learn it before its first token); the previous one keeps signing
+        until then, and stays published until its tokens expire. `publish_ahead: 0`: at once."""
         kid, pem, jwk = await asyncio.to_thread(generate_key, self.cfg.algorithm)  # RSA takes a moment
         self.store.prune_oauth()
-        out = self.store.add_oauth_key(actor, kid, self.cfg.algorithm, pem, jwk, self.cfg.overlap_margin)
-        self._signer = None
-        log.info("oauth: signing key rotated to %s%s", kid,
-                 f"; {out['previous']['kid']} published until {out['previous']['drop_after']:.0f}"
-                 if out["previous"] else "")
+        if self.cfg.publish_ahead <= 0:
+            out = self.store.add_oauth_key(actor, kid, self.cfg.algorithm, pem, jwk, self.cfg.overlap_margin)
+            self._signer = None
+            log.info("oauth: signing key rotated to %s%s", kid,
+                     f"; {out['previous']['kid']} published until {out['previous']['drop_after']:.0f}"
+                     if out["previous"] else "")
+            return out
+        out = self.store.schedule_oauth_key(actor, kid, self.cfg.algorithm, pem, jwk,
+                                            time.time() + self.cfg.publish_ahead)
+        self._next_at = out["signs_from"]
+        log.info("oauth: signing key %s published; it signs from %.0f (in %g s)", kid, out["signs_from"],
+                 self.cfg.publish_ahead)
         return out
 
+    def _promote(self) -> None:
+        row = self.store.promote_oauth_key(self.cfg.overlap_margin)
+        nxt = self.store.next_oauth_key()
+        self._next_at = nxt["signs_from"] if nxt is not None else None
+        if row is not None:
+            self._signer = None
+            log.info("oauth: signing key %s now signs", row["kid"])
+
     def signer(self) -> tuple[str, str, object]:
+        if self._next_at is not None and time.time() >= self._next_at:
+            self._promote()
         if self._signer is None:
             row = self.store.active_oauth_key()
             if row is None:  # a store emptied under us: make one

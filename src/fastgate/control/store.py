@@ -121,6 +121,17 @@ MIGRATIONS: list[list[str]] = [
     [  # 5: latency in the usage ledger — the sum of the gateway latencies (µs) of the counted requests
         "ALTER TABLE usage ADD COLUMN lat_sum_us INTEGER NOT NULL DEFAULT 0",
     ],
+    [  # 6: a rotated-in signing key is published before it signs (state 'next', signs_from)
+        """CREATE TABLE oauth_keys_v6 (
+            kid TEXT PRIMARY KEY, alg TEXT NOT NULL, private_pem TEXT NOT NULL, public_jwk TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('next', 'active', 'retired')),
+            created_at REAL NOT NULL, retired_at REAL, drop_after REAL, signs_from REAL)""",
+        """INSERT INTO oauth_keys_v6 (kid, alg, private_pem, public_jwk, state, created_at, retired_at, drop_after,
+            signs_from) SELECT kid, alg, private_pem, public_jwk, state, created_at, retired_at, drop_after, created_at
+            FROM oauth_keys""",
+        "DROP TABLE oauth_keys",
+        "ALTER TABLE oauth_keys_v6 RENAME TO oauth_keys",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 OAUTH_SCHEMA = 4  # the first schema with the oauth_* tables
@@ -742,13 +753,14 @@ class Store:
             self._audit(actor, "revoke", "oauth_client", before["id"], before, after)
         return after
 
-    _KEY = "SELECT kid, alg, state, public_jwk, created_at, retired_at, drop_after FROM oauth_keys"
+    _KEY = "SELECT kid, alg, state, public_jwk, created_at, retired_at, drop_after, signs_from FROM oauth_keys"
 
     def oauth_keys(self, t: float | None = None) -> list[dict]:
-        """The signing keys published at `t` (default now), the active one first; never a private part."""
+        """The signing keys published at `t` (default now): the active one first, then the next one
+        (published ahead of signing), then retired ones; never a private part."""
         t = time.time() if t is None else t
-        rows = self._all(self._KEY + " WHERE state = 'active' OR drop_after > ? "
-                         "ORDER BY state = 'active' DESC, created_at DESC", (t,))
+        rows = self._all(self._KEY + " WHERE state IN ('active', 'next') OR drop_after > ? "
+                         "ORDER BY state = 'active' DESC, state = 'next' DESC, created_at DESC", (t,))
         for r in rows:
             r["public_jwk"] = json.loads(r["public_jwk"])
         return rows
@@ -757,25 +769,66 @@ class Store:
         """The signing key, private PEM included, or None."""
         return self._one("SELECT * FROM oauth_keys WHERE state = 'active'")
 
+    def next_oauth_key(self) -> dict | None:
+        """The key published ahead of signing (state 'next'), or None."""
+        return self._one(self._KEY + " WHERE state = 'next'")
+
+    def schedule_oauth_key(self, actor: str, kid: str, alg: str, private_pem: str, public_jwk: dict,
+                           signs_from: float) -> dict:
+        """Publish `kid` now; it becomes the signing key at `signs_from` (`promote_oauth_key`). A key
+        scheduled before and not yet signing is replaced."""
+        t = time.time()
+        with self.tx():
+            old_next = self._one(self._KEY + " WHERE state = 'next'")
+            if old_next is not None:
+                self.conn.execute("DELETE FROM oauth_keys WHERE kid = ?", (old_next["kid"],))
+                old_next.pop("public_jwk")
+            self._insert("oauth_keys", {"kid": kid, "alg": alg, "private_pem": private_pem,
+                                        "public_jwk": json.dumps(public_jwk), "state": "next", "created_at": t,
+                                        "signs_from": signs_from})
+            after = {"kid": kid, "alg": alg, "state": "next", "created_at": t, "retired_at": None,
+                     "drop_after": None, "signs_from": signs_from}
+            self._audit(actor, "schedule", "oauth_key", kid, old_next, after)
+        return {**after, "replaced": old_next}
+
+    def promote_oauth_key(self, margin: float, t: float | None = None) -> dict | None:
+        """When the next key's time has come, make it the signing key (the active one retires as in
+        `add_oauth_key`); returns it, or None when there is nothing to do."""
+        t = time.time() if t is None else t
+        with self.tx():
+            nxt = self._one(self._KEY + " WHERE state = 'next' AND signs_from <= ?", (t,))
+            if nxt is None:
+                return None
+            self._retire_active(t, margin)
+            self.conn.execute("UPDATE oauth_keys SET state = 'active' WHERE kid = ?", (nxt["kid"],))
+            nxt.pop("public_jwk")
+            self._audit("oauth", "activate", "oauth_key", nxt["kid"], {**nxt}, {**nxt, "state": "active"})
+        return {**nxt, "state": "active"}
+
+    def _retire_active(self, t: float, margin: float) -> dict | None:
+        old = self._one(self._KEY + " WHERE state = 'active'")
+        if old is None:
+            return None
+        last_exp = self.conn.execute("SELECT max(exp) FROM oauth_tokens WHERE kid = ?", (old["kid"],)).fetchone()[0]
+        drop_after = max(t, last_exp or t) + margin
+        self.conn.execute("UPDATE oauth_keys SET state = 'retired', retired_at = ?, drop_after = ? WHERE kid = ?",
+                          (t, drop_after, old["kid"]))
+        old.pop("public_jwk")
+        old.update(state="retired", retired_at=t, drop_after=drop_after)
+        return old
+
     def add_oauth_key(self, actor: str, kid: str, alg: str, private_pem: str, public_jwk: dict,
                       margin: float) -> dict:
         """Make `kid` the signing key. The one it replaces is retired: still published until the last
         token it signed expires, plus `margin`, then dropped (`prune_oauth`)."""
         t = time.time()
         with self.tx():
-            old = self._one(self._KEY + " WHERE state = 'active'")
-            if old is not None:
-                last_exp = self.conn.execute("SELECT max(exp) FROM oauth_tokens WHERE kid = ?",
-                                             (old["kid"],)).fetchone()[0]
-                drop_after = max(t, last_exp or t) + margin
-                self.conn.execute("UPDATE oauth_keys SET state = 'retired', retired_at = ?, drop_after = ? "
-                                  "WHERE kid = ?", (t, drop_after, old["kid"]))
-                old.pop("public_jwk")
-                old.update(state="retired", retired_at=t, drop_after=drop_after)
+            old = self._retire_active(t, margin)
             self._insert("oauth_keys", {"kid": kid, "alg": alg, "private_pem": private_pem,
-                                        "public_jwk": json.dumps(public_jwk), "state": "active", "created_at": t})
+                                        "public_jwk": json.dumps(public_jwk), "state": "active", "created_at": t,
+                                        "signs_from": t})
             after = {"kid": kid, "alg": alg, "state": "active", "created_at": t, "retired_at": None,
-                     "drop_after": None}
+                     "drop_after": None, "signs_from": t}
             self._audit(actor, "rotate" if old else "create", "oauth_key", kid, old, after)
         return {**after, "previous": old}
 
