@@ -759,9 +759,11 @@ def openapi_document(oauth_endpoints: bool = False, scopes: list[str] | None = N
     answers = sorted({tp for tp in ANSWERS.values()}, key=repr)
     from ..config.schema import Config
 
-    schemas, components = msgspec.json.schema_components(BODIES + answers + [Config],
-                                                         ref_template="#/components/schemas/{name}")
-    answer_schema = dict(zip(answers, schemas[len(BODIES):-1], strict=True))
+    schemas, components = msgspec.json.schema_components(BODIES + answers, ref_template="#/components/schemas/{name}")
+    answer_schema = dict(zip(answers, schemas[len(BODIES):], strict=True))
+    # the config document's own structs (its Consumer is not the API's): prefixed `config.`
+    _, config_components = msgspec.json.schema_components([Config], ref_template="#/components/schemas/config.{name}")
+    components.update({f"config.{name}": schema for name, schema in config_components.items()})
     if scopes:
         for name in ("OAuthClientCreate", "OAuthClientUpdate"):
             components[name]["properties"]["scopes"]["items"] = {"enum": list(scopes)}
@@ -804,7 +806,7 @@ def openapi_document(oauth_endpoints: bool = False, scopes: list[str] | None = N
                                       "content": error}
         if path == "/config" and method == "POST":
             # the document's shape; the cross-checks (an unknown upstream, a duplicate route…) are the 422's
-            op["requestBody"] = {"required": True, "content": {t: {"schema": {"$ref": "#/components/schemas/Config"}}
+            op["requestBody"] = {"required": True, "content": {t: {"schema": {"$ref": "#/components/schemas/config.Config"}}
                                                                for t in ("application/yaml", "application/json",
                                                                          "application/toml")}}
             op["responses"]["409"] = {"description": "no_config_file: started without a config file",
