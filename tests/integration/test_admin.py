@@ -388,3 +388,65 @@ def test_a_repeated_query_parameter_is_422(gw):
                        ("/usage", "to"), ("/analytics/summary", "window")):
         r = gw.call("GET", path, params=[(name, "1"), (name, "2")])
         assert r.status_code == 422 and r.json()["error"] == "invalid_query" and name in r.json()["detail"], (path, r.text)
+
+
+PRIVILEGED_CONFIG = CONFIG.replace("workers: 2\n", "workers: 2\nuser: nobody\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the supervisor must run as root and the "
+                    "workers and control process as `user: nobody` (run the suite as root to cover it)")
+def test_post_config_reloads_when_the_control_process_runs_as_nobody():
+    """The control process has dropped to `nobody` and cannot signal the root supervisor (EPERM):
+    POST /config asks through the reload pipe the supervisor made before forking it."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="fastgate-nobody-"))  # not under pytest's 0700 tmp: nobody writes here
+    try:
+        tmp.chmod(0o777)
+        g = ControlledGateway(tmp, PRIVILEGED_CONFIG)
+        try:
+            status = g.call("GET", "/status").json()
+            assert os.stat(f"/proc/{status['pid']}").st_uid != 0  # the control process is nobody's
+            with pytest.raises(PermissionError):  # what os.kill(supervisor, SIGHUP) would meet there
+                _kill_as_nobody(status["supervisor"])
+            doc = {"workers": 2, "user": "nobody", "store": {"path": str(g.db)},
+                   "admin": {"token_env": "FG_TEST_ADMIN_TOKEN"},
+                   "listeners": [{"kind": "proxy", "port": g.port},
+                                 {"kind": "admin", "address": "127.0.0.1", "port": g.admin_port}],
+                   "plans": [{"name": "gold"}],
+                   "routes": [{"name": "hello", "paths": ["/hello"], "mock": {"body": "one"}},
+                              {"name": "fresh", "paths": ["/fresh"], "mock": {"body": "new route"}}]}
+            r = g.call("POST", "/config", json=doc)
+            assert r.status_code == 202 and r.json()["reload"] is True, r.text
+            wait_for(lambda: g.get("/fresh").text == "new route", 20, "the pushed config's route")
+            wait_for(lambda: "fresh" in {x["name"] for x in g.call("GET", "/routes").json()}, 20,
+                     "the control process on the new config")
+            assert "reloaded: generation 2 serving" in g.log.read_text()
+            # SIGHUP still works
+            doc["routes"].append({"name": "third", "paths": ["/third"], "mock": {"body": "3"}})
+            g.cfg.write_text(json.dumps(doc))
+            os.kill(status["supervisor"], signal.SIGHUP)
+            wait_for(lambda: g.get("/third").text == "3", 20, "the route after SIGHUP")
+        finally:
+            assert g.stop() == 0, g.log.read_text()[-3000:]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _kill_as_nobody(pid: int) -> None:
+    """os.kill(pid, 0) from a child that switched to nobody: raises what that child met."""
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.kill(pid, 0)
+        except PermissionError:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) == 1:
+        raise PermissionError(f"nobody may not signal {pid}")

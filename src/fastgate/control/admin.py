@@ -3,7 +3,8 @@
 JSON in and out, bearer-token authenticated. CRUD on consumers, credentials (a key is shown once, by
 the call that made it), developers, apps, plans and subscriptions in the store; read views of the
 running config's APIs, routes and upstreams; `POST /config` validates a new declarative config and,
-when it is valid, writes the config file and asks the supervisor to reload (SIGHUP); `GET /audit`.
+when it is valid, writes the config file and asks the supervisor to reload (a byte on the
+supervisor's reload pipe, else SIGHUP); `GET /audit`.
 With `oauth.enabled`: apps' OAuth 2.0 client credentials (the secret shown once) and the signing
 keys' rotation (control/oauth.py).
 Request bodies are msgspec Structs, which also give the OpenAPI document its schemas.
@@ -354,13 +355,15 @@ def err(status: int, error: str, **fields) -> JSONResponse:
 class Admin:
     """The endpoints, over one store and the running config."""
 
-    def __init__(self, store: Store, cfg, config_path: str | None, supervisor_pid: int | None, oauth=None):
+    def __init__(self, store: Store, cfg, config_path: str | None, supervisor_pid: int | None, oauth=None,
+                 reload_fd: int | None = None):
         self.store = store
         self.oauth = oauth  # control/oauth.py's AuthServer, or None (oauth.enabled: false)
         self.serve_oauth = False  # the token, revocation, JWKS and metadata endpoints are on this listener
         self.cfg = cfg
         self.config_path = config_path
         self.supervisor_pid = supervisor_pid
+        self.reload_fd = reload_fd  # the supervisor's reload pipe (supervisor.py), when it made one
         self.config_key_hashes = frozenset(h for c in cfg.consumers for h in c.keys)
         self.host = None  # the host's shared metrics (canary state), when analytics has them
 
@@ -645,14 +648,25 @@ class Admin:
             if doc.get("admin", {}).get("token"):
                 doc["admin"]["token"] = "<redacted>"
         self.store.audit(self.actor(request), "update", "config", self.config_path, before, after)
-        if self.supervisor_pid is None:
+        if self.reload_fd is None and self.supervisor_pid is None:
             return JSONResponse({"status": "written", "reload": False}, 202)
         try:
-            os.kill(self.supervisor_pid, signal.SIGHUP)
+            self.request_reload()
         except OSError as exc:
             return err(500, "reload_not_signalled", detail=f"config written, but the supervisor "
                        f"({self.supervisor_pid}) could not be signalled: {exc.strerror}; run `fastgate reload`")
         return JSONResponse({"status": "reloading", "reload": True}, 202)
+
+    def request_reload(self) -> None:
+        """Ask the supervisor to reload. Through its pipe when there is one: this process may have
+        switched to `user:` and cannot signal a supervisor running as root (EPERM)."""
+        if self.reload_fd is None:
+            os.kill(self.supervisor_pid, signal.SIGHUP)
+            return
+        try:
+            os.write(self.reload_fd, b"r")
+        except BlockingIOError:  # the pipe is full of asks the supervisor has not read yet: one is enough
+            pass
 
     # --- audit, status, openapi -------------------------------------------------------------------
     async def audit(self, request: Request):
@@ -904,10 +918,11 @@ async def _crash(request, exc: Exception):  # Starlette re-raises it afterwards:
 
 
 def create_app(store: Store, cfg, token: str | None, config_path: str | None = None,
-               supervisor_pid: int | None = None, analytics=None, oauth=None, serve_oauth: bool = False):
+               supervisor_pid: int | None = None, analytics=None, oauth=None, serve_oauth: bool = False,
+               reload_fd: int | None = None):
     """The admin API (an ASGI app). `oauth`: control/oauth.py's AuthServer when `oauth.enabled`;
     `serve_oauth`: also serve its public endpoints here, without the admin token (no portal listener)."""
-    admin = Admin(store, cfg, config_path, supervisor_pid, oauth)
+    admin = Admin(store, cfg, config_path, supervisor_pid, oauth, reload_fd)
     admin.serve_oauth = serve_oauth and oauth is not None
     admin.host = getattr(analytics, "host", None)
     methods: dict[tuple[str, str], list[str]] = {}
