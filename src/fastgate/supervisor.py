@@ -5,6 +5,9 @@ and dispatches to `handle_<name>`:
   TERM/INT  graceful drain with a deadline, then exit; a second one kills the workers at once
   HUP       reload: validate the file; invalid → log every error, keep serving; valid → start a new
             generation of workers, wait until they are ready, then drain the old ones
+A byte on the reload pipe is a HUP too: the control process (admin API, `POST /config`) writes one.
+It may have dropped to `user:` and so cannot signal a root supervisor; the pipe, made before any
+fork, needs no privilege.
   CHLD      reap; replace a crashed worker (backing off when it crash-loops)
   TTIN/TTOU add / remove a worker
 Workers are forked, not spawned: they inherit the sockets (and the shared memory, later).
@@ -181,6 +184,10 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # the control process keeps the write end: a byte asks for a reload (handle_hup)
+        self._reload_r, self._reload_w = os.pipe()
+        os.set_blocking(self._reload_r, False)
+        os.set_blocking(self._reload_w, False)
         self._drain_deadline = None
         self.table = None
         self.metrics_table = None
@@ -230,6 +237,7 @@ class Supervisor:
             try:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
+                os.close(self._reload_r)
                 signal.set_wakeup_fd(-1)
                 for sig in SIGNALS:
                     keep_default = sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
@@ -242,7 +250,8 @@ class Supervisor:
 
                 code = run_control(self.cfg, sock, li, self.config_path, supervisor_pid,
                                    drop=lambda: drop_privileges(self.cfg.user, self.cfg.group),
-                                   host_metrics=self.metrics_table, portal_sock=psock, portal_listener=pli)
+                                   host_metrics=self.metrics_table, portal_sock=psock, portal_listener=pli,
+                                   reload_fd=self._reload_w)
             except BaseException:  # noqa: BLE001 - never return into the supervisor
                 logging.getLogger("fastgate.control").exception("control process crashed")
             finally:
@@ -265,6 +274,8 @@ class Supervisor:
                 os.close(ready_r)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
+                os.close(self._reload_r)
+                os.close(self._reload_w)
                 signal.set_wakeup_fd(-1)
                 for sig in SIGNALS:  # HUP, USR1, TTIN and TTOU would kill or stop a worker by default
                     keep_default = sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
@@ -322,6 +333,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self._wake_w)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._sel.register(self._reload_r, selectors.EVENT_READ, "reload")
         self._proxy_sockets(self.cfg)
         if self._admin_listener(self.cfg) is not None:
             self._admin_socket(self._admin_listener(self.cfg))
@@ -366,6 +378,14 @@ class Supervisor:
                         pass
                 except BlockingIOError:
                     pass
+            elif key.data == "reload":  # the control process asks (POST /config): exactly a SIGHUP
+                try:
+                    while os.read(self._reload_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                if signal.SIGHUP not in self._queue:  # several asks before we got to it: one reload
+                    self._queue.append(signal.SIGHUP)
             else:
                 self._on_ready(key.data)
 

@@ -55,12 +55,14 @@ def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
 
 
 class ControlledGateway:
-    def __init__(self, tmp: Path):
+    """`fastgate run` in a subprocess; `config` is a template with {db}, {port} and {admin} fields."""
+
+    def __init__(self, tmp: Path, config: str = CONFIG):
         self.tmp = tmp
         self.db = tmp / "store.db"
         self.port, self.admin_port = free_port(), free_port()
         self.cfg = tmp / "gw.yaml"
-        self.cfg.write_text(CONFIG.format(db=self.db, port=self.port, admin=self.admin_port))
+        self.cfg.write_text(config.format(db=self.db, port=self.port, admin=self.admin_port))
         self.log = tmp / "gw.log"
         self.env = {**os.environ, "FG_TEST_ADMIN_TOKEN": TOKEN}
         self.proc = subprocess.Popen(
@@ -288,3 +290,163 @@ def test_admin_listener_without_a_token_is_refused(tmp_path):
                    "admin: {allow_no_token: true}\n")
     p = subprocess.run([sys.executable, "-m", "fastgate", "check", "-c", str(cfg)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+# --- found by the schemathesis run (test_admin_schemathesis.py) ---------------------------------------
+def _bodies():
+    from fastgate.control.admin import ENDPOINTS
+
+    return [(m, p.replace("{name}", "gold").replace("{id}", "1"), body) for m, p, _h, _s, body, _st in ENDPOINTS
+            if body is not None and "oauth" not in p]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), _bodies(), ids=lambda v: getattr(v, "__name__", str(v)))
+def test_a_bad_body_is_422_naming_the_field_path(gw, method, path, body):
+    field = body.__struct_fields__[0]
+    r = gw.call(method, path, json={field: {"not": "this"}})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "invalid_body" and f"at `$.{field}`" in r.json()["detail"], r.text
+    r = gw.call(method, path, json={"no_such_field": 1})
+    assert r.status_code == 422 and "no_such_field" in r.json()["detail"], r.text
+
+
+def test_an_integral_float_is_an_integer(gw):
+    dev = gw.call("POST", "/developers", json={"email": "float@example.com"}).json()
+    r = gw.call("POST", "/apps", json={"name": "floaty", "developer_id": float(dev["id"])})
+    assert r.status_code == 201 and r.json()["developer_id"] == dev["id"], r.text
+    r = gw.call("POST", "/apps", json={"name": "floaty2", "developer_id": dev["id"] + 0.5})
+    assert r.status_code == 422 and "$.developer_id" in r.json()["detail"], r.text
+
+
+def test_ids_too_large_for_sqlite_are_404_or_422_not_500(gw):
+    huge = 2**64
+    for path in ("/subscriptions", "/developers", "/apps", "/credentials"):
+        assert gw.call("GET", f"{path}/{huge}").status_code == 404
+        assert gw.call("GET", f"{path}/0").status_code == 404
+    r = gw.call("POST", "/subscriptions", json={"app_id": huge, "plan": "gold"})
+    assert r.status_code == 422 and "$.app_id" in r.json()["detail"], r.text
+    for query in ({"app_id": str(huge)}, {"app_id": "x"}):
+        r = gw.call("GET", "/subscriptions", params=query)
+        assert r.status_code == 422 and r.json()["error"] == "invalid_query" and "app_id" in r.json()["detail"]
+    for query in ({"limit": "0"}, {"limit": "1001"}, {"before": "-1"}, {"before": str(huge)}):
+        assert gw.call("GET", "/audit", params=query).status_code == 422, query
+    assert gw.call("GET", "/audit", params={"limit": "1000"}).status_code == 200
+
+
+def test_email_pattern_is_the_same_for_the_document_and_the_server(gw):
+    import re
+
+    doc = gw.call("GET", "/openapi.json").json()
+    pattern = re.compile(doc["components"]["schemas"]["DeveloperCreate"]["properties"]["email"]["pattern"])
+    for email in ("a\x1db@example.com", "a b@example.com", "a\ufeff@example.com"):  # \s differs in Python and JSON Schema
+        assert pattern.search(email) is None
+        r = gw.call("POST", "/developers", json={"email": email})
+        assert r.status_code == 422 and "$.email" in r.json()["detail"], r.text
+
+
+def test_the_document_describes_answers_and_errors(gw):
+    doc = gw.call("GET", "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    consumers = doc["paths"]["/consumers"]
+    assert consumers["get"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "type": "array", "items": {"$ref": "#/components/schemas/Consumer"}}
+    assert {"username", "plan", "groups", "source", "read_only"} <= set(schemas["Consumer"]["required"])
+    assert "key" in schemas["CredentialWithKey"]["required"]
+    # a reference in the body that does not exist: 404, documented
+    assert "404" in doc["paths"]["/apps"]["post"]["responses"]
+    assert gw.call("POST", "/apps", json={"name": "orphan", "developer_id": 999999}).status_code == 404
+    assert doc["paths"]["/subscriptions/{id}"]["get"]["parameters"][0]["schema"] == {
+        "type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+    assert {p["name"] for p in doc["paths"]["/audit"]["get"]["parameters"]} == {"entity", "limit", "before"}
+    assert set(doc["paths"]["/config"]["post"]["responses"]) >= {"202", "401", "409", "415", "422"}
+
+
+@pytest.mark.parametrize("body", ["", "null\n", "~\n"])
+def test_post_config_empty_or_null_document_is_422(gw, body):
+    before = gw.cfg.read_text()
+    r = gw.call("POST", "/config", content=body, headers={"Content-Type": "application/yaml"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "invalid_config" and r.json()["errors"][0]["path"] == "$"
+    assert gw.cfg.read_text() == before
+    assert gw.get("/hello").status_code == 200
+
+
+def test_post_config_with_a_nul_in_a_file_name_is_422_not_500(gw):
+    """Found by the run: os.stat raises ValueError (not OSError) for a NUL, and the check let it through."""
+    doc = {"routes": [{"name": "v", "paths": ["/v"], "mock": {"body": "x"},
+                       "policies": [{"type": "openapi-validation", "spec": "a\u0000b.yaml"}]}]}
+    before = gw.cfg.read_text()
+    r = gw.call("POST", "/config", json=doc)
+    assert r.status_code == 422, r.text
+    assert any("NUL" in e["message"] and e["path"].startswith("$.routes[0].policies[0]") for e in r.json()["errors"])
+    assert gw.cfg.read_text() == before
+
+
+def test_a_repeated_query_parameter_is_422(gw):
+    """Found by the run: `?app_id=1&app_id=x` used the last value; now it is refused, naming it."""
+    for path, name in (("/subscriptions", "app_id"), ("/credentials", "consumer"), ("/audit", "entity"),
+                       ("/usage", "to"), ("/analytics/summary", "window")):
+        r = gw.call("GET", path, params=[(name, "1"), (name, "2")])
+        assert r.status_code == 422 and r.json()["error"] == "invalid_query" and name in r.json()["detail"], (path, r.text)
+
+
+PRIVILEGED_CONFIG = CONFIG.replace("workers: 2\n", "workers: 2\nuser: nobody\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the supervisor must run as root and the "
+                    "workers and control process as `user: nobody` (run the suite as root to cover it)")
+def test_post_config_reloads_when_the_control_process_runs_as_nobody():
+    """The control process has dropped to `nobody` and cannot signal the root supervisor (EPERM):
+    POST /config asks through the reload pipe the supervisor made before forking it."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="fastgate-nobody-"))  # not under pytest's 0700 tmp: nobody writes here
+    try:
+        tmp.chmod(0o777)
+        g = ControlledGateway(tmp, PRIVILEGED_CONFIG)
+        try:
+            status = g.call("GET", "/status").json()
+            assert os.stat(f"/proc/{status['pid']}").st_uid != 0  # the control process is nobody's
+            with pytest.raises(PermissionError):  # what os.kill(supervisor, SIGHUP) would meet there
+                _kill_as_nobody(status["supervisor"])
+            doc = {"workers": 2, "user": "nobody", "store": {"path": str(g.db)},
+                   "admin": {"token_env": "FG_TEST_ADMIN_TOKEN"},
+                   "listeners": [{"kind": "proxy", "port": g.port},
+                                 {"kind": "admin", "address": "127.0.0.1", "port": g.admin_port}],
+                   "plans": [{"name": "gold"}],
+                   "routes": [{"name": "hello", "paths": ["/hello"], "mock": {"body": "one"}},
+                              {"name": "fresh", "paths": ["/fresh"], "mock": {"body": "new route"}}]}
+            r = g.call("POST", "/config", json=doc)
+            assert r.status_code == 202 and r.json()["reload"] is True, r.text
+            wait_for(lambda: g.get("/fresh").text == "new route", 20, "the pushed config's route")
+            wait_for(lambda: "fresh" in {x["name"] for x in g.call("GET", "/routes").json()}, 20,
+                     "the control process on the new config")
+            assert "reloaded: generation 2 serving" in g.log.read_text()
+            # SIGHUP still works
+            doc["routes"].append({"name": "third", "paths": ["/third"], "mock": {"body": "3"}})
+            g.cfg.write_text(json.dumps(doc))
+            os.kill(status["supervisor"], signal.SIGHUP)
+            wait_for(lambda: g.get("/third").text == "3", 20, "the route after SIGHUP")
+        finally:
+            assert g.stop() == 0, g.log.read_text()[-3000:]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _kill_as_nobody(pid: int) -> None:
+    """os.kill(pid, 0) from a child that switched to nobody: raises what that child met."""
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.kill(pid, 0)
+        except PermissionError:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) == 1:
+        raise PermissionError(f"nobody may not signal {pid}")

@@ -3,7 +3,8 @@
 JSON in and out, bearer-token authenticated. CRUD on consumers, credentials (a key is shown once, by
 the call that made it), developers, apps, plans and subscriptions in the store; read views of the
 running config's APIs, routes and upstreams; `POST /config` validates a new declarative config and,
-when it is valid, writes the config file and asks the supervisor to reload (SIGHUP); `GET /audit`.
+when it is valid, writes the config file and asks the supervisor to reload (a byte on the
+supervisor's reload pipe, else SIGHUP); `GET /audit`.
 With `oauth.enabled`: apps' OAuth 2.0 client credentials (the secret shown once) and the signing
 keys' rotation (control/oauth.py).
 Request bodies are msgspec Structs, which also give the OpenAPI document its schemas.
@@ -28,14 +29,18 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..config.schema import Name, Quota, RateLimitSpec, Scope
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigIssue
 from .store import Store, StoreError
 
 log = logging.getLogger("fastgate.admin")
 
 Text = Annotated[str, Meta(max_length=1024)]
-Email = Annotated[str, Meta(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
-Id = Annotated[int, Meta(ge=1)]
+# no `\s` here: Python's (str.isspace: \x1c-\x1f, \x85) and JSON Schema's (ECMA-262: \ufeff) differ, so
+# the document would allow addresses the server refuses; control characters are refused too
+_NOT_IN_EMAIL = r"@\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+Email = Annotated[str, Meta(min_length=3, max_length=320, pattern=f"^[^{_NOT_IN_EMAIL}]+@[^{_NOT_IN_EMAIL}]+$")]
+MAX_ID = 2**63 - 1  # SQLite's INTEGER: a larger one cannot even be compared (OverflowError)
+Id = Annotated[int, Meta(ge=1, le=MAX_ID)]
 SubState = Literal["active", "pending", "revoked"]
 
 
@@ -121,12 +126,221 @@ BODIES = [ConsumerCreate, ConsumerUpdate, CredentialCreate, DeveloperCreate, Dev
 OPTIONAL_BODIES = (CredentialCreate, OAuthClientCreate)
 
 
+# --- what the endpoints answer (for the OpenAPI document only: the store's rows are sent as they are) --
+class Out(msgspec.Struct, kw_only=True):
+    pass
+
+
+Timestamp = Annotated[str, Meta(description="UTC, ISO 8601 with milliseconds, e.g. 2025-01-31T12:00:00.000Z")]
+Source = Literal["api", "config"]
+
+
+class Consumer(Out):
+    id: int
+    username: str
+    custom_id: str | None
+    plan: str | None
+    groups: list[str]
+    app_id: int | None
+    source: Source
+    read_only: bool
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class Credential(Out):
+    id: int
+    consumer: str
+    type: Literal["key-auth"]
+    identifier: Annotated[str, Meta(description="the start of the key's SHA-256 hash, never the key")]
+    state: Literal["active", "revoked"]
+    created_at: Timestamp
+    rotated_at: Timestamp | None
+    revoked_at: Timestamp | None
+
+
+class CredentialWithKey(Credential):
+    key: Annotated[str, Meta(description="the API key: shown this once")]
+
+
+class Developer(Out):
+    id: int
+    email: str
+    name: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class App(Out):
+    id: int
+    name: str
+    description: str | None
+    developer_id: int | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class Plan(Out):
+    id: int
+    name: str
+    description: str | None
+    rate_limits: list[dict[str, Any]]
+    quotas: list[dict[str, Any]]
+    source: Source
+    read_only: bool
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class Subscription(Out):
+    id: int
+    app_id: int
+    plan: str
+    state: SubState
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class OAuthClient(Out):
+    id: int
+    client_id: str
+    app_id: int
+    consumer: str
+    scopes: list[str]
+    state: Literal["active", "revoked"]
+    created_at: Timestamp
+    rotated_at: Timestamp | None
+    revoked_at: Timestamp | None
+
+
+class OAuthClientWithSecret(OAuthClient):
+    client_secret: Annotated[str, Meta(description="shown this once")]
+
+
+class OAuthClientRevoked(OAuthClient):
+    tokens_revoked: int
+
+
+class OAuthKey(Out):
+    kid: str
+    alg: Literal["RS256", "ES256"]
+    state: Literal["active", "retired"]
+    created_at: float
+    retired_at: float | None
+    drop_after: float | None
+
+
+class OAuthKeyRotated(OAuthKey):
+    previous: OAuthKey | None
+
+
+class AuditEntry(Out):
+    id: int
+    at: Timestamp
+    actor: str
+    action: str
+    entity: str
+    entity_id: str | None
+    before: Any
+    after: Any
+
+
+class Status(Out):
+    version: str
+    pid: int
+    supervisor: int | None
+    config: str | None
+    store: str
+    store_schema: int
+
+
+class Canary(Out):
+    route: str
+    upstream: str
+    canary: str
+    weight: float
+    sticky: Any
+    release: str
+    state: Literal["active", "off", "rolled_back"]
+    reason: str | None
+    rollback: dict[str, Any] | None
+    window: dict[str, int] = {}
+
+
+class ConfigAccepted(Out):
+    status: Literal["written", "reloading"]
+    reload: bool
+
+
+Objects = list[dict[str, Any]]
+# (method, path) → what a success answers; absent: an object
+ANSWERS: dict[tuple[str, str], Any] = {
+    ("GET", "/status"): Status,
+    ("GET", "/consumers"): list[Consumer], ("POST", "/consumers"): Consumer, ("GET", "/consumers/{name}"): Consumer,
+    ("PATCH", "/consumers/{name}"): Consumer,
+    ("GET", "/consumers/{name}/credentials"): list[Credential],
+    ("POST", "/consumers/{name}/credentials"): CredentialWithKey,
+    ("GET", "/credentials"): list[Credential], ("GET", "/credentials/{id}"): Credential,
+    ("DELETE", "/credentials/{id}"): Credential, ("POST", "/credentials/{id}/rotate"): CredentialWithKey,
+    ("GET", "/developers"): list[Developer], ("POST", "/developers"): Developer,
+    ("GET", "/developers/{id}"): Developer, ("PATCH", "/developers/{id}"): Developer,
+    ("GET", "/apps"): list[App], ("POST", "/apps"): App, ("GET", "/apps/{id}"): App, ("PATCH", "/apps/{id}"): App,
+    ("GET", "/plans"): list[Plan], ("POST", "/plans"): Plan, ("GET", "/plans/{name}"): Plan,
+    ("PATCH", "/plans/{name}"): Plan,
+    ("GET", "/subscriptions"): list[Subscription], ("POST", "/subscriptions"): Subscription,
+    ("GET", "/subscriptions/{id}"): Subscription, ("PATCH", "/subscriptions/{id}"): Subscription,
+    ("GET", "/apis"): Objects, ("GET", "/routes"): Objects, ("GET", "/upstreams"): Objects,
+    ("GET", "/canaries"): list[Canary], ("POST", "/canaries/{route}/reset"): Canary,
+    ("POST", "/config"): ConfigAccepted,
+    ("GET", "/apps/{id}/oauth-clients"): list[OAuthClient], ("POST", "/apps/{id}/oauth-clients"): OAuthClientWithSecret,
+    ("GET", "/oauth-clients"): list[OAuthClient], ("GET", "/oauth-clients/{client_id}"): OAuthClient,
+    ("PATCH", "/oauth-clients/{client_id}"): OAuthClient, ("DELETE", "/oauth-clients/{client_id}"): OAuthClientRevoked,
+    ("POST", "/oauth-clients/{client_id}/rotate"): OAuthClientWithSecret,
+    ("GET", "/oauth-keys"): list[OAuthKey], ("POST", "/oauth-keys/rotate"): OAuthKeyRotated,
+    ("GET", "/audit"): list[AuditEntry], ("GET", "/usage"): Objects,
+}
+_INT = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+_TIME = {"anyOf": [{"type": "string", "pattern": "^-?[0-9]{1,12}$"}, {"type": "string", "format": "date-time"},
+                   {"type": "string", "format": "date"}, {"type": "string", "maxLength": 0}],
+         "description": "unix seconds or an ISO 8601 date/time (empty: no bound)"}
+# (method, path) → its query parameters
+QUERY: dict[tuple[str, str], dict[str, dict]] = {
+    ("GET", "/credentials"): {"consumer": {"type": "string"}},
+    ("GET", "/subscriptions"): {"app_id": _INT},
+    ("GET", "/oauth-clients"): {"app_id": _INT},
+    ("GET", "/audit"): {"entity": {"type": "string"}, "limit": {**_INT, "maximum": 1000}, "before": _INT},
+    ("GET", "/analytics/summary"): {"window": {"enum": ["1h", "1d"]}},
+    ("GET", "/usage"): {"consumer": {"type": "string"}, "from": _TIME, "to": _TIME,
+                        "granularity": {"enum": ["hour", "day"]}, "format": {"enum": ["json", "csv"]}},
+}
+# what else may be missing: a body's or a query's reference (a plan, an app, a developer, a consumer)
+REFERS = {("POST", "/consumers"), ("PATCH", "/consumers/{name}"), ("POST", "/apps"), ("PATCH", "/apps/{id}"),
+          ("POST", "/subscriptions"), ("PATCH", "/subscriptions/{id}"), ("GET", "/credentials"),
+          ("GET", "/oauth-clients")}
+
+
 def _changes(body: In) -> dict:
     return {k: v for k, v in msgspec.structs.asdict(body).items() if v is not UNSET}
 
 
 class BadBody(Exception):
     pass
+
+
+class BadQuery(Exception):
+    pass
+
+
+def _integral(doc):
+    """JSON has one number type: 3.0 is an integer to JSON Schema, so to the document. msgspec refuses a
+    float for an `int` field, and takes an int for a `float` one, so integral floats become ints."""
+    if isinstance(doc, float):
+        return int(doc) if doc.is_integer() else doc
+    if isinstance(doc, dict):
+        return {k: _integral(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_integral(v) for v in doc]
+    return doc
 
 
 class OAuthDisabled(StoreError):
@@ -141,13 +355,15 @@ def err(status: int, error: str, **fields) -> JSONResponse:
 class Admin:
     """The endpoints, over one store and the running config."""
 
-    def __init__(self, store: Store, cfg, config_path: str | None, supervisor_pid: int | None, oauth=None):
+    def __init__(self, store: Store, cfg, config_path: str | None, supervisor_pid: int | None, oauth=None,
+                 reload_fd: int | None = None):
         self.store = store
         self.oauth = oauth  # control/oauth.py's AuthServer, or None (oauth.enabled: false)
         self.serve_oauth = False  # the token, revocation, JWKS and metadata endpoints are on this listener
         self.cfg = cfg
         self.config_path = config_path
         self.supervisor_pid = supervisor_pid
+        self.reload_fd = reload_fd  # the supervisor's reload pipe (supervisor.py), when it made one
         self.config_key_hashes = frozenset(h for c in cfg.consumers for h in c.keys)
         self.host = None  # the host's shared metrics (canary state), when analytics has them
 
@@ -161,11 +377,12 @@ class Admin:
 
     @staticmethod
     async def body(request: Request, tp, empty_ok: bool = False):
+        """The body as a `tp`; BadBody (422) names the offending field's path, e.g. `$.username`."""
         raw = await request.body()
         if not raw.strip() and empty_ok:
             return tp()
         try:
-            return msgspec.json.decode(raw, type=tp)
+            return msgspec.convert(_integral(msgspec.json.decode(raw)), type=tp)
         except msgspec.ValidationError as exc:
             raise BadBody(str(exc)) from None
         except msgspec.DecodeError as exc:
@@ -173,10 +390,29 @@ class Admin:
 
     @staticmethod
     def int_param(request: Request, name: str) -> int:
-        try:
-            return int(request.path_params[name])
-        except ValueError:
-            raise HTTPException(404) from None
+        """A path's `{id}`: anything but an id that could exist (1 .. 2**63-1) is 404."""
+        raw = request.path_params[name]
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_ID:
+            raise HTTPException(404)
+        return int(raw)
+
+    @staticmethod
+    def query_str(request: Request, name: str) -> str | None:
+        """A query parameter given at most once (`?a=1&a=2` is ambiguous: 422)."""
+        values = request.query_params.getlist(name)
+        if len(values) > 1:
+            raise BadQuery(f"{name}: given more than once")
+        return values[0] if values else None
+
+    @staticmethod
+    def query_int(request: Request, name: str, lo: int = 1, hi: int = MAX_ID) -> int | None:
+        """An integer query parameter, None when absent; 422 `invalid_query` naming it otherwise."""
+        raw = Admin.query_str(request, name)
+        if raw is None:
+            return None
+        if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
+            raise BadQuery(f"{name}: an integer from {lo} to {hi}")
+        return int(raw)
 
     # --- consumers --------------------------------------------------------------------------------
     async def consumers(self, request: Request):
@@ -206,7 +442,7 @@ class Admin:
         return JSONResponse({**cred, "key": key}, 201, headers={"Cache-Control": "no-store"})
 
     async def credentials(self, request: Request):
-        return JSONResponse(self.store.list_credentials(request.query_params.get("consumer")))
+        return JSONResponse(self.store.list_credentials(self.query_str(request, "consumer")))
 
     async def credential(self, request: Request):
         id_ = self.int_param(request, "id")
@@ -239,8 +475,7 @@ class Admin:
 
     async def oauth_clients(self, request: Request):
         self._oauth()
-        app_id = request.query_params.get("app_id")
-        return JSONResponse(self.store.list_oauth_clients(int(app_id) if app_id and app_id.isdigit() else None))
+        return JSONResponse(self.store.list_oauth_clients(self.query_int(request, "app_id")))
 
     async def oauth_client(self, request: Request):
         self._oauth()
@@ -309,8 +544,7 @@ class Admin:
 
     async def subscriptions(self, request: Request):
         if request.method == "GET":
-            app_id = request.query_params.get("app_id")
-            return JSONResponse(self.store.list_subscriptions(int(app_id) if app_id and app_id.isdigit() else None))
+            return JSONResponse(self.store.list_subscriptions(self.query_int(request, "app_id")))
         b = await self.body(request, SubscriptionCreate)
         return JSONResponse(self.store.create_subscription(self.actor(request), b.app_id, b.plan, b.state), 201)
 
@@ -391,6 +625,9 @@ class Admin:
         fmt = "json" if ctype.endswith("json") else "toml" if ctype.endswith("toml") else "yaml"
         try:
             data = parse_document(raw, fmt)
+            if not isinstance(data, dict):  # an empty body, or `null`, would load as an all-defaults config
+                raise ConfigError([ConfigIssue("$", f"expected a mapping, got {type(data).__name__ if data is not None else 'nothing'}",
+                                               "send the whole config document")])
             cfg = load_config(data)  # the admin section's rules included (config/load.py)
         except ConfigError as exc:
             return err(422, "invalid_config", errors=[{"path": i.path, "message": i.message, "hint": i.hint}
@@ -411,21 +648,32 @@ class Admin:
             if doc.get("admin", {}).get("token"):
                 doc["admin"]["token"] = "<redacted>"
         self.store.audit(self.actor(request), "update", "config", self.config_path, before, after)
-        if self.supervisor_pid is None:
+        if self.reload_fd is None and self.supervisor_pid is None:
             return JSONResponse({"status": "written", "reload": False}, 202)
         try:
-            os.kill(self.supervisor_pid, signal.SIGHUP)
+            self.request_reload()
         except OSError as exc:
             return err(500, "reload_not_signalled", detail=f"config written, but the supervisor "
                        f"({self.supervisor_pid}) could not be signalled: {exc.strerror}; run `fastgate reload`")
         return JSONResponse({"status": "reloading", "reload": True}, 202)
 
+    def request_reload(self) -> None:
+        """Ask the supervisor to reload. Through its pipe when there is one: this process may have
+        switched to `user:` and cannot signal a supervisor running as root (EPERM)."""
+        if self.reload_fd is None:
+            os.kill(self.supervisor_pid, signal.SIGHUP)
+            return
+        try:
+            os.write(self.reload_fd, b"r")
+        except BlockingIOError:  # the pipe is full of asks the supervisor has not read yet: one is enough
+            pass
+
     # --- audit, status, openapi -------------------------------------------------------------------
     async def audit(self, request: Request):
-        q = request.query_params
-        limit = min(1000, int(q["limit"])) if q.get("limit", "").isdigit() else 100
-        before = int(q["before"]) if q.get("before", "").isdigit() else None
-        return JSONResponse(self.store.list_audit(limit, q.get("entity"), before))
+        limit = self.query_int(request, "limit", 1, 1000)
+        before = self.query_int(request, "before")
+        return JSONResponse(self.store.list_audit(100 if limit is None else limit,
+                                                  self.query_str(request, "entity"), before))
 
     async def status(self, request: Request):
         return JSONResponse({"version": __version__, "pid": os.getpid(), "supervisor": self.supervisor_pid,
@@ -433,7 +681,8 @@ class Admin:
                              "store_schema": self.store.version})
 
     async def openapi(self, request: Request):
-        return JSONResponse(openapi_document(oauth_endpoints=self.serve_oauth))
+        scopes = list(self.oauth.cfg.scopes) if self.oauth is not None else None
+        return JSONResponse(openapi_document(oauth_endpoints=self.serve_oauth, scopes=scopes))
 
 
 # (method, path, handler name, summary, request body, success status)
@@ -518,57 +767,90 @@ OAUTH_ENDPOINTS = [
 ]
 
 
-def openapi_document(oauth_endpoints: bool = False) -> dict:
+def openapi_document(oauth_endpoints: bool = False, scopes: list[str] | None = None) -> dict:
     """The admin API's OpenAPI document; with `oauth_endpoints`, the OAuth endpoints this listener
-    also serves (without the admin token)."""
-    _, components = msgspec.json.schema_components(BODIES, ref_template="#/components/schemas/{name}")
+    also serves (without the admin token); `scopes`: `oauth.scopes`, when the config lists them (the
+    only scopes a client may be given)."""
+    answers = sorted({tp for tp in ANSWERS.values()}, key=repr)
+    from ..config.schema import Config
+
+    schemas, components = msgspec.json.schema_components(BODIES + answers, ref_template="#/components/schemas/{name}")
+    answer_schema = dict(zip(answers, schemas[len(BODIES):], strict=True))
+    # the config document's own structs (its Consumer is not the API's): prefixed `config.`
+    _, config_components = msgspec.json.schema_components([Config], ref_template="#/components/schemas/config.{name}")
+    components.update({f"config.{name}": schema for name, schema in config_components.items()})
+    if scopes:
+        for name in ("OAuthClientCreate", "OAuthClientUpdate"):
+            components[name]["properties"]["scopes"]["items"] = {"enum": list(scopes)}
     components["Error"] = {"type": "object", "required": ["error"],
                            "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}
     components["ConfigErrors"] = {
-        "type": "object", "properties": {"error": {"const": "invalid_config"}, "errors": {"type": "array", "items": {
-            "type": "object", "properties": {"path": {"type": "string"}, "message": {"type": "string"},
-                                             "hint": {"type": "string"}}}}}}
+        "type": "object", "required": ["error", "errors"], "properties": {
+            "error": {"const": "invalid_config"}, "errors": {"type": "array", "items": {
+                "type": "object", "required": ["path", "message"],
+                "properties": {"path": {"type": "string"}, "message": {"type": "string"},
+                               "hint": {"type": ["string", "null"]}}}}}}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     paths: dict[str, dict] = {}
     for method, path, _handler, summary, body, status in ENDPOINTS:
-        op: dict[str, Any] = {"summary": summary, "responses": {
-            str(status): {"description": "OK" if status != 204 else "No content"},
-            "401": {"description": "missing or wrong bearer token"},
-        }}
+        ok: dict[str, Any] = {"description": "OK" if status != 204 else "No content"}
         if status != 204:
-            op["responses"][str(status)]["content"] = {"application/json": {"schema": {}}}
+            tp = ANSWERS.get((method, path))
+            ok["content"] = {"application/json": {"schema": answer_schema[tp] if tp is not None else {
+                "type": "object"}}}
+        if path == "/usage":
+            ok["content"]["text/csv"] = {"schema": {"type": "string"}}
+        op: dict[str, Any] = {"summary": summary, "responses": {
+            str(status): ok, "401": {"description": "missing or wrong bearer token", "content": error}}}
         params = [{"name": seg[1:-1], "in": "path", "required": True,
-                   "schema": {"type": "integer" if seg == "{id}" else "string"}}
+                   "schema": _INT if seg == "{id}" else {"type": "string"}}
                   for seg in path.split("/") if seg.startswith("{")]
+        params += [{"name": name, "in": "query", "required": False, "schema": schema}
+                   for name, schema in QUERY.get((method, path), {}).items()]
         if params:
             op["parameters"] = params
-            op["responses"]["404"] = {"description": "not found",
-                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        if any(p["in"] == "path" for p in params) or (method, path) in REFERS:
+            op["responses"]["404"] = {"description": "not found (or something the request refers to)",
+                                      "content": error}
+        if any(p["in"] == "query" for p in params):
+            op["responses"]["422"] = {"description": "invalid_query: a query parameter, named", "content": error}
         if body is not None:
             op["requestBody"] = {"required": body not in OPTIONAL_BODIES, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
-            op["responses"]["422"] = {"description": "invalid body",
-                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            op["responses"]["422"] = {"description": "invalid_body: the detail names the field's path ($.name)",
+                                      "content": error}
         if path == "/config" and method == "POST":
-            op["requestBody"] = {"required": True, "content": {t: {"schema": {"type": "object"}} for t in (
-                "application/yaml", "application/json", "application/toml")}}
+            # the document's shape; the cross-checks (an unknown upstream, a duplicate route…) are the 422's
+            op["requestBody"] = {"required": True, "content": {t: {"schema": {"$ref": "#/components/schemas/config.Config"}}
+                                                               for t in ("application/yaml", "application/json",
+                                                                         "application/toml")}}
+            op["responses"]["409"] = {"description": "no_config_file: started without a config file",
+                                      "content": error}
+            op["responses"]["415"] = {"description": "unsupported_format: the file's format cannot hold this "
+                                      "document's", "content": error}
             op["responses"]["422"] = {"description": "every error, with its path", "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/ConfigErrors"}}}}
         if method in ("POST", "PATCH", "DELETE") and path != "/config":
-            op["responses"]["409"] = {"description": "conflict, or read-only (declared in the config file)"}
+            op["responses"]["409"] = {"description": "conflict, or read-only (declared in the config file)",
+                                      "content": error}
         if "oauth" in path:
             op["responses"]["409"] = {"description": "oauth_disabled: the OAuth authorization server is off"
                                       + (", or the client is revoked" if path.endswith("/rotate") and "clients"
-                                         in path else ""),
-                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                                         in path else ""), "content": error}
         paths.setdefault(path, {})[method.lower()] = op
     for method, path, summary in OAUTH_ENDPOINTS if oauth_endpoints else ():
-        form = {"application/x-www-form-urlencoded": {"schema": {"type": "object", "properties": {
-            "grant_type": {"const": "client_credentials"}, "scope": {"type": "string"}, "client_id": {"type": "string"},
-            "client_secret": {"type": "string"}} if path == "/oauth/token" else {
-            "token": {"type": "string"}, "token_type_hint": {"type": "string"}, "client_id": {"type": "string"},
-            "client_secret": {"type": "string"}}}}}
+        # RFC 6749 §3.2: parameters sent without a value are omitted, unknown ones ignored, none sent twice
+        form = {"application/x-www-form-urlencoded": {"schema": {
+            "type": "object", "additionalProperties": {"type": "string"},
+            "required": ["grant_type"] if path == "/oauth/token" else ["token"],
+            "properties": {"grant_type": {"const": "client_credentials"}, "scope": {"type": "string"},
+                           "client_id": {"type": "string"}, "client_secret": {"type": "string"}}
+            if path == "/oauth/token" else {
+                "token": {"type": "string"}, "token_type_hint": {"type": "string"},
+                "client_id": {"type": "string"}, "client_secret": {"type": "string"}}}}}
         op = {"summary": summary, "security": [] if method == "GET" else [{"client_basic": []}, {}],
-              "responses": {"200": {"description": "OK"}}}
+              "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {
+                  "type": "object"}}}}}}
         if method == "POST":
             op["requestBody"] = {"required": True, "content": form}
             op["responses"]["400"] = op["responses"]["401"] = {
@@ -623,6 +905,10 @@ async def _bad_body(request, exc: BadBody):
     return err(422, "invalid_body", detail=str(exc))
 
 
+async def _bad_query(request, exc: BadQuery):
+    return err(422, "invalid_query", detail=str(exc))
+
+
 async def _http_error(request, exc: HTTPException):
     reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
     return JSONResponse({"error": reason}, exc.status_code, headers=exc.headers)
@@ -633,10 +919,11 @@ async def _crash(request, exc: Exception):  # Starlette re-raises it afterwards:
 
 
 def create_app(store: Store, cfg, token: str | None, config_path: str | None = None,
-               supervisor_pid: int | None = None, analytics=None, oauth=None, serve_oauth: bool = False):
+               supervisor_pid: int | None = None, analytics=None, oauth=None, serve_oauth: bool = False,
+               reload_fd: int | None = None):
     """The admin API (an ASGI app). `oauth`: control/oauth.py's AuthServer when `oauth.enabled`;
     `serve_oauth`: also serve its public endpoints here, without the admin token (no portal listener)."""
-    admin = Admin(store, cfg, config_path, supervisor_pid, oauth)
+    admin = Admin(store, cfg, config_path, supervisor_pid, oauth, reload_fd)
     admin.serve_oauth = serve_oauth and oauth is not None
     admin.host = getattr(analytics, "host", None)
     methods: dict[tuple[str, str], list[str]] = {}
@@ -649,7 +936,7 @@ def create_app(store: Store, cfg, token: str | None, config_path: str | None = N
 
         routes += api_routes(analytics)
     app = Starlette(routes=routes, exception_handlers={
-        StoreError: _store_error, BadBody: _bad_body, HTTPException: _http_error, Exception: _crash})
+        StoreError: _store_error, BadBody: _bad_body, BadQuery: _bad_query, HTTPException: _http_error, Exception: _crash})
     app.state.admin = admin
     outer = BearerAuth(app, token)
     if analytics is not None:  # /dashboard: its own cookie login; everything else: the bearer token

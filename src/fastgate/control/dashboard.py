@@ -30,14 +30,26 @@ def _bad(detail: str) -> JSONResponse:
     return JSONResponse({"error": "invalid_query", "detail": detail}, 422)
 
 
+def _repeated(request: Request) -> JSONResponse | None:
+    """`?to=1&to=2` is ambiguous: 422, as the admin API answers it."""
+    for name in set(request.query_params):
+        if len(request.query_params.getlist(name)) > 1:
+            return _bad(f"{name}: given more than once")
+    return None
+
+
 def api_routes(analytics) -> list[Route]:
     async def summary(request: Request):
+        if (bad := _repeated(request)) is not None:
+            return bad
         window = request.query_params.get("window", "1h")
         if window not in WINDOWS:
             return _bad("window: 1h or 1d")
         return JSONResponse(analytics.summary(window))
 
     async def usage(request: Request):
+        if (bad := _repeated(request)) is not None:
+            return bad
         q = request.query_params
         gran = q.get("granularity", "hour")
         fmt = q.get("format", "json")

@@ -67,10 +67,12 @@ def _serve_both(servers, sockets, loop_factory) -> None:
 
 
 def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: int | None, drop=None,
-                host_metrics=None, portal_sock=None, portal_listener=None) -> int:
+                host_metrics=None, portal_sock=None, portal_listener=None, reload_fd: int | None = None) -> int:
     """Entry point of the forked control process; returns its exit code. `drop()` switches user;
     `host_metrics`: the supervisor's shared metrics (metrics.HostMetrics), for the analytics;
-    `portal_sock`, `portal_listener`: the developer portal's, when the config has one."""
+    `portal_sock`, `portal_listener`: the developer portal's, when the config has one; `reload_fd`: the
+    supervisor's reload pipe (a byte written there is a SIGHUP, which this process, once it has
+    dropped privileges, may not be allowed to send)."""
     signal.signal(signal.SIGUSR1, lambda *_: reopen_logs())
     # a stop asked for before uvicorn serves is remembered; afterwards it goes to uvicorn (whose own
     # handlers, when it restores ours, re-deliver the signal: to this one rather than SIG_DFL)
@@ -125,7 +127,7 @@ def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: in
         publisher.start()
     analytics = Analytics(cfg.store.path, host_metrics, cfg, supervisor_pid)
     app.app = create_app(store, cfg, token, config_path, supervisor_pid, analytics=analytics, oauth=oauth,
-                         serve_oauth=portal_config is None)
+                         serve_oauth=portal_config is None, reload_fd=reload_fd)
     if oauth is not None and portal_config is None:
         log.info("OAuth endpoints on the admin listener (no portal listener), issuer %s", oauth.issuer)
     analytics.start()  # a snapshot of the host's metrics into the store every 10 s

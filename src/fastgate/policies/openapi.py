@@ -382,6 +382,8 @@ _SPECS: dict = {}
 
 def compiled_spec(path: str, only: str | None = None) -> CompiledSpec:
     """The compiled document, shared by every route (and a `check`) while the file is unchanged."""
+    if "\0" in path:  # os.stat would raise ValueError, not OSError: a 500 for a config pushed to the admin API
+        raise SpecError("the file name contains a NUL character", "give the path of an OpenAPI document")
     try:
         st = os.stat(path)
         key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, only)
