@@ -224,14 +224,16 @@ class OAuthClientRevoked(OAuthClient):
 class OAuthKey(Out):
     kid: str
     alg: Literal["RS256", "ES256"]
-    state: Literal["active", "retired"]
+    state: Literal["next", "active", "retired"]  # next: published, signing from `signs_from`
     created_at: float
     retired_at: float | None
     drop_after: float | None
+    signs_from: float | None = None
 
 
 class OAuthKeyRotated(OAuthKey):
-    previous: OAuthKey | None
+    previous: OAuthKey | None = None  # publish_ahead 0: the key this one replaced at once (now retired)
+    replaced: OAuthKey | None = None  # a key scheduled before and not signing yet, replaced by this one
 
 
 class AuditEntry(Out):
