@@ -58,9 +58,15 @@ class UsageRecorder:
         self._warned = False
 
     @classmethod
-    def for_config(cls, cfg) -> UsageRecorder | None:
-        """Only with a control process (admin listener): it creates and migrates the store."""
+    def for_config(cls, cfg):
+        """With `store.backend: redis`, every node counts through Redis (control/usage_redis.py);
+        else only with a control process (admin listener), which creates and migrates the store."""
         store = getattr(cfg, "store", None)
+        if store is not None and store.backend == "redis":
+            from .directory import store_redis_url
+            from .usage_redis import RedisUsageRecorder
+
+            return RedisUsageRecorder(store_redis_url(cfg), store.key_prefix)
         if store is None or not any(li.kind == "admin" for li in cfg.listeners):
             return None
         return cls(store.path)

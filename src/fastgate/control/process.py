@@ -119,12 +119,16 @@ def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: in
         except Exception as exc:  # noqa: BLE001 - sqlite3.Error, a key that does not load: say so, serve the rest
             log.error("OAuth authorization server not started: %s", exc)
             oauth = None
-    publisher = None
+    publisher = drainer = None
     if cfg.store.backend == "redis":  # clustered nodes: every node's workers learn the keys through Redis
         from .directory import DirectoryPublisher, store_redis_url
 
         publisher = DirectoryPublisher(cfg.store.path, store_redis_url(cfg), cfg.store.key_prefix)
         publisher.start()
+        from .usage_redis import UsageDrainer  # every node's usage counts, into this store
+
+        drainer = UsageDrainer(cfg.store.path, store_redis_url(cfg), cfg.store.key_prefix)
+        drainer.start()
     analytics = Analytics(cfg.store.path, host_metrics, cfg, supervisor_pid)
     app.app = create_app(store, cfg, token, config_path, supervisor_pid, analytics=analytics, oauth=oauth,
                          serve_oauth=portal_config is None, reload_fd=reload_fd)
@@ -156,5 +160,7 @@ def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: in
         analytics.stop()
         if publisher is not None:
             publisher.stop()
+        if drainer is not None:
+            drainer.stop()
         store.close()
     return 0

@@ -132,6 +132,9 @@ MIGRATIONS: list[list[str]] = [
         "DROP TABLE oauth_keys",
         "ALTER TABLE oauth_keys_v6 RENAME TO oauth_keys",
     ],
+    [  # 7: usage counted through Redis (store.backend redis): the drains already applied (control/usage_redis.py)
+        "CREATE TABLE usage_drains (id TEXT PRIMARY KEY, at REAL NOT NULL)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 OAUTH_SCHEMA = 4  # the first schema with the oauth_* tables

@@ -100,7 +100,10 @@ class Worker:
         self._publish_health(None)  # this worker's view of the targets leaves the shared table
         self._flush_metrics()
         if state.usage is not None:  # drained: what this worker counted reaches the ledger before it exits
-            state.usage.close()
+            if hasattr(state.usage, "aclose"):
+                await state.usage.aclose()
+            else:
+                state.usage.close()
         if state.access_log is not None:
             state.access_log.close()
         if state.spans is not None:

@@ -1,0 +1,273 @@
+"""The usage ledger across nodes (`store.backend: redis`): every worker of every node counts into
+Redis, and the control process moves the counts into the store's `usage` table — exactly once.
+
+Workers (`RedisUsageRecorder`): the same per-worker dict as the local recorder (control/analytics.py);
+about once a second the pending counts become a batch with a unique id, applied by one Lua script:
+`SET <batch id> NX` then `HINCRBY` per (hour, consumer, plan, api) field. A batch whose reply did
+not come back (a timeout, a lost connection) is sent again with the SAME id and content until Redis
+answers: applied once whatever happened (the id is kept a day). Counts never leave the worker
+before Redis said so; a draining worker flushes what it has before it exits.
+
+Control process (`UsageDrainer`, a thread): every few seconds, per hour that has counts, one script
+RENAMEs `h:<hour>` to a draining key named by a fresh drain id (new increments start a new hash),
+then the drain's counts and its id go into SQLite in ONE transaction (`usage_drains` remembers the
+ids), then the draining key is deleted. After a crash anywhere in between, the next pass finds the
+draining key: applied already (its id is in `usage_drains`) → only deleted; not applied → applied.
+All keys share the hash tag `{usage}`, so a Redis Cluster keeps them in one slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+
+import hiredis
+
+from ..counters.resp import RedisURL, pack
+from .analytics import UPSERT_USAGE
+
+log = logging.getLogger("fastgate.analytics")
+
+SEP = "\x1f"
+APPLY = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then
+  for i = 1, #ARGV, 3 do
+    local hour = ARGV[i]
+    redis.call('HINCRBY', KEYS[2] .. hour, ARGV[i + 1], tonumber(ARGV[i + 2]))
+    redis.call('SADD', KEYS[3], hour)
+  end
+  return 1
+end
+return 0
+"""
+DRAIN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  redis.call('SADD', KEYS[3], KEYS[2])
+  return 1
+end
+redis.call('SREM', KEYS[4], ARGV[1])
+return 0
+"""
+
+
+def keys(prefix: str) -> dict[str, str]:
+    base = prefix + "{usage}:"
+    return {"batch": base + "batch:", "hour": base + "h:", "hours": base + "hours", "draining": base + "draining",
+            "drain": base + "d:"}
+
+
+class RedisUsageRecorder:
+    """A worker's ledger counts, sent to Redis in idempotent batches."""
+
+    def __init__(self, url: str, prefix: str, interval: float = 1.0):
+        self.url = RedisURL(url)
+        self.k = keys(prefix)
+        self.pending: dict[tuple, list[int]] = {}
+        self.unsent: list[tuple[str, list]] = []  # batches sent without an answer: sent again, same id
+        self.hour = int(time.time()) // 3600
+        self.interval = interval
+        self._next = 0.0
+        self._task = None
+        self._conn = None
+        self._warned = False
+        self.applied = 0  # batches Redis accepted (tests)
+
+    def record(self, consumer, route, status: int, seconds: float = 0.0) -> None:
+        if consumer is None:
+            return
+        key = (self.hour, consumer.username, consumer.plan or "", (route.api or "") if route is not None else "")
+        c = self.pending.get(key)
+        if c is None:
+            c = self.pending[key] = [0, 0, 0]
+        c[0] += 1
+        if status >= 400:
+            c[1] += 1
+        c[2] += int(seconds * 1e6)
+
+    def _batch(self) -> None:
+        if not self.pending:
+            return
+        args: list = []
+        for (hour, consumer, plan, api), (n, e, lat) in self.pending.items():
+            field = SEP.join((consumer, plan, api))
+            args += [str(hour), field + SEP + "r", n, str(hour), field + SEP + "e", e, str(hour), field + SEP + "l", lat]
+        self.pending = {}
+        self.unsent.append((uuid.uuid4().hex, args))
+
+    def tick(self, now: float, wall: int, force: bool = False) -> None:
+        self.hour = wall // 3600
+        if (now < self._next and not force) or (self._task is not None and not self._task.done()):
+            return
+        self._next = now + self.interval
+        self._batch()
+        if self.unsent:
+            self._task = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        while self.unsent:
+            batch_id, args = self.unsent[0]
+            try:
+                if self._conn is None:
+                    from .directory import RespStream
+
+                    self._conn = await RespStream.open(self.url)
+                await asyncio.wait_for(self._conn.call(
+                    b"EVAL", APPLY, 3, self.k["batch"] + batch_id, self.k["hour"], self.k["hours"], *args), 5.0)
+            except (TimeoutError, OSError, ConnectionError) as exc:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                if not self._warned:
+                    log.warning("usage ledger: Redis %s: %s (counts kept, sent again with the same batch id)",
+                                self.url, exc)
+                    self._warned = True
+                return
+            self.unsent.pop(0)
+            self.applied += 1
+            self._warned = False
+
+    async def aclose(self) -> None:
+        """Draining: what is counted reaches Redis before the worker exits (a few tries)."""
+        self._batch()
+        for _ in range(20):
+            if self._task is not None and not self._task.done():
+                await asyncio.gather(self._task, return_exceptions=True)
+            if not self.unsent:
+                break
+            self._task = asyncio.get_running_loop().create_task(self._send())
+            await asyncio.gather(self._task, return_exceptions=True)
+            if self.unsent:
+                await asyncio.sleep(0.1)
+        if self.unsent:
+            log.error("usage ledger: %d batch(es) not written at exit", len(self.unsent))
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:  # the local recorder's interface; the worker awaits aclose() instead
+        pass
+
+
+class UsageDrainer:
+    """In the control process: moves the counts from Redis into the store's usage table."""
+
+    def __init__(self, store_path: str, url: str, prefix: str, interval: float = 2.0):
+        self.path = store_path
+        self.url = RedisURL(url)
+        self.k = keys(prefix)
+        self.interval = interval
+        self.drained = 0
+        self._stop = threading.Event()
+        self._thread = None
+        self._warned = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="usage-drainer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(os.path.abspath(self.path), isolation_level=None, timeout=5.0, check_same_thread=False)
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    self.drain_once(conn)
+                    self._warned = False
+                except (OSError, ConnectionError, sqlite3.Error) as exc:
+                    if not self._warned:
+                        log.warning("usage ledger: draining Redis %s: %s (retried)", self.url, exc)
+                        self._warned = True
+        finally:
+            conn.close()
+
+    # --- one pass ------------------------------------------------------------------------------
+    def drain_once(self, conn: sqlite3.Connection) -> int:
+        """Move every hour's counts into SQLite; returns the number of drains applied."""
+        r = _Sync(self.url)
+        try:
+            applied = 0
+            for dkey in r.call("SMEMBERS", self.k["draining"]) or []:  # left over from an interrupted pass
+                applied += self._finish(r, conn, dkey.decode())
+            for hour in r.call("SMEMBERS", self.k["hours"]) or []:
+                dkey = f"{self.k['drain']}{hour.decode()}:{uuid.uuid4().hex}"
+                if r.call("EVAL", DRAIN, 4, self.k["hour"] + hour.decode(), dkey, self.k["draining"],
+                          self.k["hours"], hour):
+                    applied += self._finish(r, conn, dkey)
+            return applied
+        finally:
+            r.close()
+
+    def _finish(self, r, conn: sqlite3.Connection, dkey: str) -> int:
+        drain_id = dkey.rsplit(":", 1)[1]
+        hour = int(dkey.rsplit(":", 2)[1])
+        done = conn.execute("SELECT 1 FROM usage_drains WHERE id = ?", (drain_id,)).fetchone() is not None
+        n = 0
+        if not done:
+            flat = r.call("HGETALL", dkey) or []
+            rows: dict[tuple, list[int]] = {}
+            for i in range(0, len(flat), 2):
+                consumer, plan, api, kind = flat[i].decode().split(SEP)
+                c = rows.setdefault((hour, consumer, plan, api), [0, 0, 0])
+                c["rel".index(kind)] += int(flat[i + 1])
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(UPSERT_USAGE, [(*k, c[0], c[1], c[2]) for k, c in rows.items()])
+                conn.execute("INSERT INTO usage_drains (id, at) VALUES (?, ?)", (drain_id, time.time()))
+                conn.execute("DELETE FROM usage_drains WHERE at < ?", (time.time() - 7 * 86400,))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            n = 1
+            self.drained += 1
+        r.call("DEL", dkey)
+        r.call("SREM", self.k["draining"], dkey)
+        return n
+
+
+class _Sync:
+    """A blocking RESP connection for the drainer's thread."""
+
+    def __init__(self, url: RedisURL, timeout: float = 5.0):
+        if url.path:
+            self.s = socket.socket(socket.AF_UNIX)
+            self.s.settimeout(timeout)
+            self.s.connect(url.path)
+        else:
+            self.s = socket.create_connection((url.host, url.port), timeout=timeout)
+            if url.tls:
+                import ssl
+
+                self.s = ssl.create_default_context().wrap_socket(self.s, server_hostname=url.host)
+        self.reader = hiredis.Reader()
+        if url.password is not None:
+            self.call(*(("AUTH", url.username, url.password) if url.username else ("AUTH", url.password)))
+        if url.db:
+            self.call("SELECT", str(url.db))
+
+    def call(self, *args):
+        self.s.sendall(pack(*args))
+        while True:
+            reply = self.reader.gets()
+            if reply is not False:
+                if isinstance(reply, hiredis.ReplyError):
+                    raise OSError(f"redis: {reply}")
+                return reply
+            data = self.s.recv(65536)
+            if not data:
+                raise ConnectionError("redis closed the connection")
+            self.reader.feed(data)
+
+    def close(self) -> None:
+        self.s.close()
