@@ -71,7 +71,8 @@ def verify_password(password: bytes, encoded: str) -> bool:
 
 def header_values(ex, name: bytes) -> list[bytes]:
     """Every value of request header `name` (lowercase)."""
-    return [v for n, v in ex.headers if n.lower() == name]
+    ln = len(name)
+    return [v for n, v in ex.headers if len(n) == ln and n.lower() == name]
 
 
 def query_values(query: bytes, name: str) -> list[str]:

@@ -37,7 +37,7 @@ def x_fields(limit: int, remaining: int, reset_s: int, suffix: bytes = b"") -> b
 class RateLimitPolicy:
     phase = "limits"
     __slots__ = ("counters", "rate", "per", "burst", "sliding", "key_kind", "header", "prefix", "policy_line",
-                 "window", "name", "metric_allowed", "metric_limited", "metric_unavailable")
+                 "window", "name", "metric_allowed", "metric_limited", "metric_unavailable", "fields_fmt")
 
     def __init__(self, cfg: RateLimit, ctx):
         backend = cfg.backend
@@ -65,6 +65,10 @@ class RateLimitPolicy:
             b"rl|%s|allowed" % r, b"rl|%s|limited" % r, b"rl|%s|unavailable" % r)
         quota = int(self.rate) if self.sliding else self.burst
         self.policy_line = policy_field(self.name, quota, self.window)
+        # every answer's fields in one %-format: (remaining, reset, remaining, reset)
+        self.fields_fmt = (self.policy_line.replace(b"%", b"%%") + state_field(self.name, 0, 0).replace(
+            b"%", b"%%").replace(b";r=0;t=0", b";r=%d;t=%d") + x_fields(quota, 0, 0).replace(b"%", b"%%").replace(
+            b"Remaining: 0", b"Remaining: %d").replace(b"Reset: 0", b"Reset: %d"))
 
     def _key(self, ex) -> bytes:
         kind = self.key_kind
@@ -99,9 +103,8 @@ class RateLimitPolicy:
     def _decide(self, ex, r):
         allowed, remaining, retry_after, reset = r
         ex.proto.count(self.metric_allowed if allowed else self.metric_limited)
-        quota = int(self.rate) if self.sliding else self.burst
         reset_s = max(0, math.ceil(reset))
-        lines = self.policy_line + state_field(self.name, remaining, reset_s) + x_fields(quota, remaining, reset_s)
+        lines = self.fields_fmt % (remaining, reset_s, remaining, reset_s)
         if allowed:
             ex.resp_extra += lines
             return None

@@ -136,11 +136,14 @@ class Exchange:
 
     def authenticated(self, consumer, claims=None, credential: bytes | None = None) -> None:
         """An authentication policy found who this is: the upstream is told in X-Consumer-* headers."""
+        first = self.consumer is None
         self.consumer = consumer
         if claims is not None:
             self.claims = claims
         # a later authentication replaces an earlier one's identity, never adds a second copy
-        add = tuple(p for p in self.up_add if p[0].lower() not in IDENTITY_HEADERS) + consumer.headers
+        # (client copies never get here: they are dropped with the request's headers)
+        add = (self.up_add if first else tuple(p for p in self.up_add if p[0].lower() not in IDENTITY_HEADERS)) \
+            + consumer.headers
         if credential is not None:
             add += ((b"X-Credential-Identifier", credential),)
         self.up_add = add
