@@ -65,6 +65,14 @@ async def test_block_by_header_value(loop):
             assert r.status_code == 429
             r = await c.get(url, headers={"X-Client-Id": "human", "apikey": GOOD})
             assert r.status_code == 200
+            # without the header a client is told apart by its IP: one header-less guesser's block
+            # is not every header-less client's
+            for _ in range(2):
+                await c.get(url, headers={"X-Forwarded-For": "203.0.113.50", "apikey": "bad"})
+            r = await c.get(url, headers={"X-Forwarded-For": "203.0.113.50", "apikey": GOOD})
+            assert r.status_code == 429
+            r = await c.get(url, headers={"X-Forwarded-For": "198.51.100.9", "apikey": GOOD})
+            assert r.status_code == 200
 
 
 def test_header_key_needs_a_header():

@@ -104,3 +104,23 @@ apis:
     with pytest.raises(ConfigError) as info:
         load_config(parse_document(doc % "path", "yaml"))
     assert [i.path for i in info.value.issues] == ["$.apis[0].versions[1].routes[0].paths[0]"]
+
+
+async def test_versions_with_overlapping_patterns_match_as_if_alone(loop):
+    doc = config(apis=[{"name": "pets", "base_path": "/pets", "version_by": "header", "versions": [
+        {"version": "v1", "routes": [{"name": "v1-all", "paths": ["/*"], "mock": {"body": "one"}}]},
+        {"version": "v2", "routes": [{"name": "v2-item", "paths": ["/{id}"], "mock": {"body": "two"}}]}]}])
+    async with gateway(doc) as gw, httpx.AsyncClient() as c:
+        base = f"http://127.0.0.1:{gw.port}/pets"
+
+        async def get(path, version=None):
+            return await c.get(base + path, headers={"Api-Version": version} if version else {})
+
+        assert (await get("/3", "v1")).text == "one"  # the more specific /{id} is v2's: v1 still matches /*
+        assert (await get("/3/x", "v1")).text == "one"
+        assert (await get("/3", "v2")).text == "two"
+        r = await get("/3/x", "v2")
+        assert r.status_code == 404 and r.json()["error"] == "no_route"  # v2 has no route for it
+        assert (await get("/9")).text == "two"  # the default: the newest published version
+        r = await get("/9", "v7")
+        assert r.status_code == 404 and r.json()["error"] == "unknown_api_version"

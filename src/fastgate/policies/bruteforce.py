@@ -37,8 +37,10 @@ class AuthFailureLimitPolicy:
 
     def _who(self, ex) -> bytes:
         if self.header is not None:
-            return find_header(ex.headers, self.header) or b""
-        return ex.client_ip
+            v = find_header(ex.headers, self.header)
+            if v:  # no header: the client IP (else every such client would share one count)
+                return b"h:" + v
+        return b"ip:" + ex.client_ip
 
     def request(self, ex):
         now = monotonic_ns()

@@ -111,20 +111,27 @@ class Binding:
 
 
 class VersionSwitch:
-    """The router's value for a path that several versions of one API serve, picked per request by a
-    header or a query parameter (`version_by`); a request naming none gets the default version."""
+    """The router's value for every path pattern of an API whose versions share paths: the request
+    names a version in a header or a query parameter (`version_by`; none: the default version), and
+    that version's own router — its routes only — matches the request. So versions may use
+    different or overlapping patterns (v1 `/*`, v2 `/{id}`): each is matched as if alone."""
 
-    __slots__ = ("api", "by_header", "key", "default", "versions")
+    __slots__ = ("api", "by_header", "key", "default", "entries", "routers")
 
     def __init__(self, api, default: str | None):
         self.api = api.name
         self.by_header = api.version_by == "header"
         self.key = (api.version_key or ("Api-Version" if self.by_header else "version")).lower().encode()
         self.default = default.encode() if default is not None else None
-        self.versions: dict[bytes, list] = {}  # version → [(methods, Binding)]
+        self.entries: dict[bytes, list] = {}  # version → router entries, until `compile`
+        self.routers: dict[bytes, Router] = {}
 
-    def add(self, version: str, methods: tuple, binding: Binding) -> None:
-        self.versions.setdefault(version.encode(), []).append((frozenset(m.encode() for m in methods), binding))
+    def add(self, version: str, entry: tuple) -> None:
+        self.entries.setdefault(version.encode(), []).append(entry)
+
+    def compile(self) -> None:
+        self.routers = {v: Router(entries) for v, entries in self.entries.items()}
+        self.entries = {}
 
     def requested(self, headers, query: bytes) -> bytes | None:
         if self.by_header:
@@ -140,16 +147,13 @@ class VersionSwitch:
                     return part[len(key):]
         return None
 
-    def select(self, method: bytes, headers, query: bytes):
-        """The Binding for the version asked for (or the default), or the error to answer 404 with."""
+    def select(self, method: bytes, host: bytes, path: bytes, headers, query: bytes):
+        """(Binding, params) in the version asked for (or the default), or the error to answer 404 with."""
         asked = self.requested(headers, query)
-        options = self.versions.get(asked if asked is not None else self.default)
-        if options is None:
+        router = self.routers.get(asked if asked is not None else self.default)
+        if router is None:
             return "no_route" if asked is None else "unknown_api_version"
-        for methods, b in options:
-            if not methods or method in methods or (method == b"HEAD" and b"GET" in methods):
-                return b
-        return "no_route"
+        return router.match(method, host, path) or "no_route"
 
 
 def _successor(api, ver) -> str:
@@ -254,7 +258,8 @@ class Generation:
         self.consumers = {c.username: ConsumerInfo(c.username, c.id, c.plan, c.groups) for c in cfg.consumers}
         self.directory = Directory.for_config(cfg)  # the store's keys; polled by the worker's tick
         entries = []
-        switches: dict[tuple, VersionSwitch] = {}
+        switches: dict[str, VersionSwitch] = {}
+        shared: set[tuple] = set()
         self.routes: list[CompiledRoute] = []
         self.canaries: list[Canary] = []
         for _path, r, api, ver in all_routes(cfg):
@@ -300,14 +305,17 @@ class Generation:
                 b = Binding(cr, base + pat, r.strip_path, r.path_rewrite)
                 for host in r.hosts or [None]:
                     if api is not None and api.version_by != "path":
-                        key = (api.name, host, base + pat, r.priority)
-                        sw = switches.get(key)
+                        sw = switches.get(api.name)
                         if sw is None:
-                            sw = switches[key] = VersionSwitch(api, _default_version(api))
+                            sw = switches[api.name] = VersionSwitch(api, _default_version(api))
+                        sw.add(ver.version, (host, methods, base + pat, r.priority, b))
+                        if (host, base + pat, r.priority) not in shared:  # every pattern leads to the switch
+                            shared.add((host, base + pat, r.priority))
                             entries.append((host, (), base + pat, r.priority, sw))
-                        sw.add(ver.version, methods, b)
                     else:
                         entries.append((host, methods, base + pat, r.priority, b))
+        for sw in switches.values():
+            sw.compile()
         self.router = Router(entries)
         timeouts = [cfg.limits.header_timeout, cfg.limits.keepalive_timeout, cfg.limits.body_timeout,
                     cfg.limits.send_timeout]

@@ -426,9 +426,10 @@ class GatewayProtocol(asyncio.Protocol):
             return self._no_route(ex, "no_route")
         binding, params = found
         if binding.__class__ is VersionSwitch:  # an API whose versions share paths: header or query picks
-            binding = binding.select(method, headers, query)
-            if binding.__class__ is str:
-                return self._no_route(ex, binding)
+            found = binding.select(method, host, npath, headers, query)
+            if found.__class__ is str:
+                return self._no_route(ex, found)
+            binding, params = found
         ex.params = params
         route = binding.route
         ex.binding = binding
