@@ -43,6 +43,21 @@ UPSERT_USAGE = """INSERT INTO usage (hour, consumer, plan, api, requests, errors
 
 
 # --- the workers' side -------------------------------------------------------------------------------
+def count_usage(pending: dict, hour: int, consumer, route, status: int, seconds: float) -> None:
+    """One answered request into a recorder's pending counts: (hour, consumer, plan, api) →
+    [requests, errors, µs]. Anonymous requests are in the metrics, not in the ledger."""
+    if consumer is None:
+        return
+    key = (hour, consumer.username, consumer.plan or "", (route.api or "") if route is not None else "")
+    c = pending.get(key)
+    if c is None:
+        c = pending[key] = [0, 0, 0]
+    c[0] += 1
+    if status >= 400:
+        c[1] += 1
+    c[2] += int(seconds * 1e6)
+
+
 class UsageRecorder:
     """A worker's not-yet-written ledger counts. `record` is the hot path: one dict lookup."""
 
@@ -72,16 +87,7 @@ class UsageRecorder:
         return cls(store.path)
 
     def record(self, consumer, route, status: int, seconds: float = 0.0) -> None:
-        if consumer is None:
-            return  # anonymous requests are in the metrics, not in the ledger
-        key = (self.hour, consumer.username, consumer.plan or "", (route.api or "") if route is not None else "")
-        c = self.pending.get(key)
-        if c is None:
-            c = self.pending[key] = [0, 0, 0]
-        c[0] += 1
-        if status >= 400:
-            c[1] += 1
-        c[2] += int(seconds * 1e6)
+        count_usage(self.pending, self.hour, consumer, route, status, seconds)
 
     def tick(self, now: float, wall: int, force: bool = False) -> None:
         """Called by the worker's tick (`now`: loop time): writes at most every `interval` seconds."""

@@ -296,41 +296,12 @@ class DirectoryPublisher:
             conn.close()
 
     def publish(self, blob: bytes) -> None:
-        import socket
+        from ..counters.resp import SyncRedis
 
-        import hiredis
-
-        from ..counters.resp import pack
-
-        u = self.url
-        if u.path:
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(2.0)
-            s.connect(u.path)
-        else:
-            s = socket.create_connection((u.host, u.port), timeout=2.0)
+        r = SyncRedis(self.url)
         try:
-            if u.tls:
-                import ssl
-
-                s = ssl.create_default_context().wrap_socket(s, server_hostname=u.host)
-            cmds = []
-            if u.password is not None:
-                cmds.append(pack(b"AUTH", u.username, u.password) if u.username else pack(b"AUTH", u.password))
-            if u.db:
-                cmds.append(pack(b"SELECT", str(u.db)))
-            cmds += [pack(b"SET", self.key, blob), pack(b"PUBLISH", self.key, b"1")]
-            s.sendall(b"".join(cmds))
-            reader, got = hiredis.Reader(), 0
-            while got < len(cmds):
-                data = s.recv(65536)
-                if not data:
-                    raise ConnectionError("redis closed the connection")
-                reader.feed(data)
-                while (reply := reader.gets()) is not False:
-                    if isinstance(reply, hiredis.ReplyError):
-                        raise OSError(f"redis: {reply}")
-                    got += 1
+            r.call(b"SET", self.key, blob)
+            r.call(b"PUBLISH", self.key, b"1")
         finally:
-            s.close()
+            r.close()
         self.published += 1

@@ -20,16 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import sqlite3
 import threading
 import time
 import uuid
 
-import hiredis
-
-from ..counters.resp import RedisURL, pack
-from .analytics import UPSERT_USAGE
+from ..counters.resp import RedisURL, SyncRedis
+from .analytics import UPSERT_USAGE, count_usage
 
 log = logging.getLogger("fastgate.analytics")
 
@@ -79,16 +76,7 @@ class RedisUsageRecorder:
         self.applied = 0  # batches Redis accepted (tests)
 
     def record(self, consumer, route, status: int, seconds: float = 0.0) -> None:
-        if consumer is None:
-            return
-        key = (self.hour, consumer.username, consumer.plan or "", (route.api or "") if route is not None else "")
-        c = self.pending.get(key)
-        if c is None:
-            c = self.pending[key] = [0, 0, 0]
-        c[0] += 1
-        if status >= 400:
-            c[1] += 1
-        c[2] += int(seconds * 1e6)
+        count_usage(self.pending, self.hour, consumer, route, status, seconds)
 
     def _batch(self) -> None:
         if not self.pending:
@@ -193,7 +181,7 @@ class UsageDrainer:
     # --- one pass ------------------------------------------------------------------------------
     def drain_once(self, conn: sqlite3.Connection) -> int:
         """Move every hour's counts into SQLite; returns the number of drains applied."""
-        r = _Sync(self.url)
+        r = SyncRedis(self.url)
         try:
             applied = 0
             for dkey in r.call("SMEMBERS", self.k["draining"]) or []:  # left over from an interrupted pass
@@ -234,40 +222,3 @@ class UsageDrainer:
         r.call("DEL", dkey)
         r.call("SREM", self.k["draining"], dkey)
         return n
-
-
-class _Sync:
-    """A blocking RESP connection for the drainer's thread."""
-
-    def __init__(self, url: RedisURL, timeout: float = 5.0):
-        if url.path:
-            self.s = socket.socket(socket.AF_UNIX)
-            self.s.settimeout(timeout)
-            self.s.connect(url.path)
-        else:
-            self.s = socket.create_connection((url.host, url.port), timeout=timeout)
-            if url.tls:
-                import ssl
-
-                self.s = ssl.create_default_context().wrap_socket(self.s, server_hostname=url.host)
-        self.reader = hiredis.Reader()
-        if url.password is not None:
-            self.call(*(("AUTH", url.username, url.password) if url.username else ("AUTH", url.password)))
-        if url.db:
-            self.call("SELECT", str(url.db))
-
-    def call(self, *args):
-        self.s.sendall(pack(*args))
-        while True:
-            reply = self.reader.gets()
-            if reply is not False:
-                if isinstance(reply, hiredis.ReplyError):
-                    raise OSError(f"redis: {reply}")
-                return reply
-            data = self.s.recv(65536)
-            if not data:
-                raise ConnectionError("redis closed the connection")
-            self.reader.feed(data)
-
-    def close(self) -> None:
-        self.s.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import ssl as _ssl
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -277,3 +278,41 @@ async def connect(url: RedisURL, timeout: float, connect_timeout: float, on_lost
     if conn.closed:  # lost between the last reply and now
         raise ConnectionFailure(conn.reason)
     return conn
+
+
+class SyncRedis:
+    """A blocking RESP connection, for the control process's threads (directory publisher, usage
+    drainer): AUTH, SELECT and TLS as the URL says; `call` raises OSError on an error reply."""
+
+    def __init__(self, url: RedisURL, timeout: float = 5.0):
+        if url.path:
+            self.s = socket.socket(socket.AF_UNIX)
+            self.s.settimeout(timeout)
+            self.s.connect(url.path)
+        else:
+            self.s = socket.create_connection((url.host, url.port), timeout=timeout)
+            if url.tls:
+                import ssl
+
+                self.s = ssl.create_default_context().wrap_socket(self.s, server_hostname=url.host)
+        self.reader = hiredis.Reader()
+        if url.password is not None:
+            self.call(*(("AUTH", url.username, url.password) if url.username else ("AUTH", url.password)))
+        if url.db:
+            self.call("SELECT", str(url.db))
+
+    def call(self, *args):
+        self.s.sendall(pack(*args))
+        while True:
+            reply = self.reader.gets()
+            if reply is not False:
+                if isinstance(reply, hiredis.ReplyError):
+                    raise OSError(f"redis: {reply}")
+                return reply
+            data = self.s.recv(65536)
+            if not data:
+                raise ConnectionError("redis closed the connection")
+            self.reader.feed(data)
+
+    def close(self) -> None:
+        self.s.close()
