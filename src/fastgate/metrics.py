@@ -170,8 +170,10 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(host: HostMetrics, cfg, gauges: dict[str, list[tuple[dict, float]]] | None = None) -> bytes:
-    """The Prometheus text exposition (format 0.0.4) of the host's metrics."""
+def render(host: HostMetrics, cfg, gauges: dict[str, list[tuple[dict, float]]] | None = None,
+           consumers=()) -> bytes:
+    """The Prometheus text exposition (format 0.0.4) of the host's metrics. `consumers`: the names
+    the per-consumer series are looked up for (metrics.consumer_label)."""
     from .config.load import all_routes
 
     get = host.table.get
@@ -186,6 +188,20 @@ def render(host: HostMetrics, cfg, gauges: dict[str, list[tuple[dict, float]]] |
             v = aget(base + i)
             if v:
                 out.append(f'fastgate_requests_total{{route="{_esc(name)}",status="{cls.decode()}"}} {v}')
+
+    if getattr(getattr(cfg, "metrics", None), "consumer_label", False):
+        fam = "fastgate_consumer_requests_total"
+        out.append(f"# HELP {fam} Requests answered to an authenticated consumer, by route, consumer and status class.")
+        out.append(f"# TYPE {fam} counter")
+        names = sorted(set(consumers))
+        for name, _base in routes:
+            rkey = b"cq|" + name.encode() + b"|"
+            for consumer in names:
+                ckey = rkey + consumer.encode() + b"|"
+                for i, cls in enumerate(CLASSES, start=1):
+                    v = get(ckey + b"%d" % i)
+                    if v:
+                        out.append(f'{fam}{{route="{_esc(name)}",consumer="{_esc(consumer)}",status="{cls.decode()}"}} {v}')
 
     for h, (fam, what) in enumerate((("fastgate_request_duration_seconds", "at the gateway, head in to response out"),
                                       ("fastgate_upstream_duration_seconds", "from sending upstream to its answer"))):

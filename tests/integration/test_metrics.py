@@ -7,6 +7,7 @@ import signal
 import time
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import free_port
 from tests.integration.test_supervisor import Gateway
@@ -25,12 +26,14 @@ routes:
 
 
 def scrape(port: int) -> dict[str, float]:
+    """/metrics through the Prometheus client's own text parser (a malformed exposition raises),
+    as {'name{label="v",...}': value}."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
 
 
@@ -105,3 +108,46 @@ def test_policy_hooks_are_timed_on_sampled_requests(tmp_path):
             time.sleep(0.2)
     finally:
         gw.stop()
+
+
+CONSUMERS = """
+listeners:
+  - {kind: proxy, port: 8000}
+  - {kind: metrics, address: 127.0.0.1, port: %d}
+metrics: {consumer_label: %s}
+consumers:
+  - {username: alice, keys: ["%s"]}
+  - {username: bob, keys: ["%s"]}
+routes:
+  - {name: hello, paths: [/hello], mock: {body: hi}}
+  - {name: private, paths: ["/p/*"], mock: {body: ok}, policies: [{type: key-auth}]}
+  - {name: gone, paths: [/p/gone], mock: {status: 410, body: gone}, policies: [{type: key-auth}]}
+"""
+
+
+def test_consumer_label_is_opt_in_and_summed_over_workers(tmp_path):
+    from fastgate.policies.auth import hash_key
+
+    for opt_in in (True, False):
+        mport = free_port()
+        (tmp_path / str(opt_in)).mkdir()
+        gw = Gateway(tmp_path / str(opt_in), CONSUMERS % (mport, str(opt_in).lower(), hash_key("ak"), hash_key("bk")),
+                     workers=2)
+        try:
+            base = gw.url.replace("/hello", "")
+            for key, path, n in (("ak", "/p/x", 7), ("bk", "/p/y", 4), ("bk", "/p/gone", 2)):
+                for _ in range(n):  # a new connection each: both workers count
+                    httpx.get(base + path, headers={"apikey": key})
+            assert httpx.get(base + "/p/x").status_code == 401  # anonymous: no consumer series
+            fam = "fastgate_consumer_requests_total"
+            want = {f'{fam}{{route="private",consumer="alice",status="2xx"}}': 7,
+                    f'{fam}{{route="private",consumer="bob",status="2xx"}}': 4,
+                    f'{fam}{{route="gone",consumer="bob",status="4xx"}}': 2}
+            if opt_in:
+                got = wait_for(mport, want)
+                assert {k: v for k, v in got.items() if k.startswith(fam)} == want
+            else:
+                wait_for(mport, {'fastgate_requests_total{route="private",status="2xx"}': 11})
+                assert not any(k.startswith(fam) for k in scrape(mport))
+        finally:
+            gw.stop()

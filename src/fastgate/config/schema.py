@@ -744,6 +744,12 @@ class Otlp(Base):
     headers: dict[HeaderName, str] = {}  # e.g. an API key for a hosted collector
 
 
+class Metrics(Base):
+    # also count requests by consumer: fastgate_consumer_requests_total{route,consumer,status}
+    # (one series per consumer seen: mind the cardinality)
+    consumer_label: bool = False
+
+
 class Tracing(Base):
     propagate: bool = True  # W3C traceparent: forwarded when valid, generated when absent or invalid
     otlp: Otlp | None = None
@@ -772,6 +778,7 @@ class Config(Base):
     server_header: bool = False  # send `Server: fastgate` on gateway-generated responses
     access_log: str | AccessLog | None = None  # a path, or {path, sample}
     tracing: Tracing = Tracing()
+    metrics: Metrics = Metrics()
     latency_headers: bool = False  # X-Gateway-Latency / X-Upstream-Latency (ms) on proxied responses
     user: str | None = None  # started as root: workers switch to this user (and its group) after fork
     group: str | None = None

@@ -253,6 +253,7 @@ class Generation:
         self.number = number
         self.tracing = cfg.tracing.propagate
         self.latency_headers = cfg.latency_headers
+        self.consumer_label = cfg.metrics.consumer_label
         self.limits = cfg.limits
         self.groups = {u.name: UpstreamGroup(u) for u in cfg.upstreams}
         self.consumers = {c.username: ConsumerInfo(c.username, c.id, c.plan, c.groups) for c in cfg.consumers}

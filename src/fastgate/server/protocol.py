@@ -669,6 +669,9 @@ class GatewayProtocol(asyncio.Protocol):
             elapsed = perf_counter() - ex.t0
             upstream = ex.t_head - ex.t_up if ex.t_head >= 0 else -1.0
             metrics.request(ex.route.stats if ex.route is not None else metrics.unmatched, status, elapsed, upstream)
+            if ex.consumer is not None and self._state.gen.consumer_label:
+                metrics.pending[b"cq|%s|%s|%d" % (ex.route.name.encode(), ex.consumer.username.encode(),
+                                                  status // 100)] += 1
             if ex.consumer is not None and self._state.usage is not None:
                 self._state.usage.record(ex.consumer, ex.route, status, elapsed)
             alog = self._state.access_log

@@ -143,7 +143,13 @@ class Worker:
             r = self.redis
             gauges["fastgate_counters_redis_up"] = [({"worker": os.getpid()}, 1 if r.state == "up" else 0)]
             gauges["fastgate_counters_redis_lease_max_overshoot"] = [({}, getattr(r, "max_overshoot", 0))]
-        return render_metrics(self.host_metrics, self.state.gen.cfg, gauges)
+        gen = self.state.gen
+        consumers = ()
+        if gen.consumer_label:  # the names to look up: the config's and the store's consumers
+            consumers = set(gen.consumers)
+            if gen.directory is not None:
+                consumers.update(info.username for info, _cred in gen.directory.keys.values())
+        return render_metrics(self.host_metrics, gen.cfg, gauges, consumers)
 
     def reopen_logs(self) -> None:
         from ..supervisor import reopen_logs
