@@ -260,7 +260,7 @@ class Generation:
         self.directory = Directory.for_config(cfg)  # the store's keys; polled by the worker's tick
         entries = []
         switches: dict[str, VersionSwitch] = {}
-        shared: set[tuple] = set()
+        switched: set[tuple] = set()  # (host, pattern, priority) already leading to a version switch
         self.routes: list[CompiledRoute] = []
         self.canaries: list[Canary] = []
         for _path, r, api, ver in all_routes(cfg):
@@ -310,8 +310,8 @@ class Generation:
                         if sw is None:
                             sw = switches[api.name] = VersionSwitch(api, _default_version(api))
                         sw.add(ver.version, (host, methods, base + pat, r.priority, b))
-                        if (host, base + pat, r.priority) not in shared:  # every pattern leads to the switch
-                            shared.add((host, base + pat, r.priority))
+                        if (host, base + pat, r.priority) not in switched:  # every pattern leads to the switch
+                            switched.add((host, base + pat, r.priority))
                             entries.append((host, (), base + pat, r.priority, sw))
                     else:
                         entries.append((host, methods, base + pat, r.priority, b))
