@@ -103,7 +103,7 @@ class RouteStats:
 class WorkerMetrics:
     """A worker's not-yet-shared counts. `flush` (each tick) adds them to the host's table."""
 
-    __slots__ = ("host", "table", "pending", "dirty", "unmatched", "lost")
+    __slots__ = ("host", "table", "pending", "dirty", "unmatched", "lost", "remote")
 
     def __init__(self, host: HostMetrics | None):
         self.host = host
@@ -112,6 +112,7 @@ class WorkerMetrics:
         self.pending = collections.Counter()
         self.dirty: list[RouteStats] = []  # RouteStats touched since the last flush
         self.unmatched = RouteStats("(unmatched)")
+        self.remote = None  # store.backend redis: the time series also go to Redis (control/usage_redis.py)
 
     def inc(self, key: bytes, n: int = 1) -> None:
         self.pending[key] += n
@@ -137,7 +138,10 @@ class WorkerMetrics:
         add = self.table.add
         arr_add = self.host.array.add
         index = self.host.index
+        remote = self.remote
         for rs in self.dirty:
+            if remote is not None:
+                remote.route(rs)
             i = index.get(rs.name)
             if i is None:
                 self.lost += sum(rs.classes)
@@ -148,6 +152,8 @@ class WorkerMetrics:
         self.dirty.clear()
         for key, n in self.pending.items():
             add(key, n)
+            if remote is not None and key[:3] == b"rl|" and key.endswith(b"|limited"):
+                remote.limited(key[3:-8].decode(), n)
         self.pending.clear()
 
 

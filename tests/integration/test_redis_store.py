@@ -164,3 +164,24 @@ def test_usage_ledger_counts_every_node_exactly_once(cluster):
     assert ledger() == total
     rows = a.admin.get("/usage", params={"consumer": "erin"}).json()
     assert all(r["errors"] == 0 and r["avg_latency_ms"] > 0 for r in rows)
+
+
+def test_dashboard_series_count_every_node(cluster):
+    _redis, a, b = cluster
+    a.admin.post("/consumers", json={"username": "fay"})
+    key = a.admin.post("/consumers/fay/credentials").json()["key"]
+    wait_for(lambda: a.every_worker(key, 200) and b.every_worker(key, 200), 5, "the key on both nodes")
+    with httpx.Client(timeout=5) as c:
+        for node, n in ((a, 21), (b, 34)):
+            for _ in range(n):
+                assert c.get(node.url + "/billed", headers={"apikey": key}).status_code == 200
+        assert c.get(b.url + "/billed").status_code == 401  # refused on node b: a 4xx in the series
+
+    def billed() -> dict:
+        doc = a.admin.get("/analytics/summary", params={"window": "1h"}).json()
+        return next((r for r in doc["top_routes"] if r["route"] == "billed"), {})
+
+    wait_for(lambda: billed().get("requests") == 56, 20, "the dashboard to count both nodes' requests")
+    time.sleep(3)  # more drains and snapshots: nothing counted twice
+    got = billed()
+    assert got["requests"] == 56 and got["status"]["2xx"] == 55 and got["status"]["4xx"] == 1

@@ -186,6 +186,9 @@ class Analytics:
     def __init__(self, path: str, host, cfg, supervisor_pid: int | None):
         self.host = host
         self.cfg = cfg
+        # store.backend redis: the routes' series come from every node through Redis (usage_redis.py);
+        # this process snapshots only its host's supervisor events (restarts, reloads)
+        self.remote_series = getattr(getattr(cfg, "store", None), "backend", "sqlite") == "redis"
         self.supervisor = supervisor_pid or 0
         self.lock = threading.Lock()
         self.conn = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
@@ -218,6 +221,10 @@ class Analytics:
             except Exception:  # noqa: BLE001 - keep snapshotting
                 log.exception("analytics snapshot failed")
 
+    def _host_values(self) -> dict[str, list[int]]:
+        vals = read_host(self.host, self.cfg)
+        return {HOST_ROW: vals[HOST_ROW]} if self.remote_series else vals
+
     def _deltas(self, now_vals: dict[str, list[int]]) -> dict[str, list[int]]:
         out = {}
         for name, vals in now_vals.items():
@@ -233,7 +240,7 @@ class Analytics:
             return
         t = int(at if at is not None else time.time())
         with self.lock:
-            vals = read_host(self.host, self.cfg)
+            vals = self._host_values()
             deltas = self._deltas(vals)
             cols = ", ".join(SERIES_COLS)
             marks = ", ".join("?" for _ in SERIES_COLS)
@@ -288,7 +295,7 @@ class Analytics:
             rows = self.conn.execute(
                 f"SELECT ts, route, {', '.join(SERIES_COLS)} FROM metric_series WHERE res = ? AND ts >= ? "
                 "ORDER BY ts", (res, since - since % res)).fetchall()
-            live = self._deltas(read_host(self.host, self.cfg)) if self.host is not None else {}
+            live = self._deltas(self._host_values()) if self.host is not None else {}
             top_consumers = self.conn.execute(
                 "SELECT consumer, SUM(requests), SUM(errors) FROM usage WHERE hour >= ? GROUP BY consumer "
                 "ORDER BY SUM(requests) DESC, consumer LIMIT 10", (since // 3600,)).fetchall()

@@ -1,5 +1,6 @@
-"""The usage ledger across nodes (`store.backend: redis`): every worker of every node counts into
-Redis, and the control process moves the counts into the store's `usage` table — exactly once.
+"""The usage ledger and the dashboard's time series across nodes (`store.backend: redis`): every
+worker of every node counts into Redis, and the control process moves the counts into the store's
+`usage` and `metric_series` tables — exactly once.
 
 Workers (`RedisUsageRecorder`): the same per-worker dict as the local recorder (control/analytics.py);
 about once a second the pending counts become a batch with a unique id, applied by one Lua script:
@@ -13,7 +14,7 @@ RENAMEs `h:<hour>` to a draining key named by a fresh drain id (new increments s
 then the drain's counts and its id go into SQLite in ONE transaction (`usage_drains` remembers the
 ids), then the draining key is deleted. After a crash anywhere in between, the next pass finds the
 draining key: applied already (its id is in `usage_drains`) → only deleted; not applied → applied.
-All keys share the hash tag `{usage}`, so a Redis Cluster keeps them in one slot.
+Usage keys share the hash tag `{usage}` (buckets: hours), series keys `{series}` (buckets: 10 s).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import time
 import uuid
 
 from ..counters.resp import RedisURL, SyncRedis
-from .analytics import UPSERT_USAGE, count_usage
+from .analytics import SERIES_COLS, UPSERT_USAGE, count_usage
 
 log = logging.getLogger("fastgate.analytics")
 
@@ -53,21 +54,23 @@ return 0
 """
 
 
-def keys(prefix: str) -> dict[str, str]:
-    base = prefix + "{usage}:"
+def keys(prefix: str, ns: str = "usage") -> dict[str, str]:
+    """The keys of one kind of counts (`usage`: per hour; `series`: per 10 s), one hash tag each."""
+    base = prefix + "{" + ns + "}:"
     return {"batch": base + "batch:", "hour": base + "h:", "hours": base + "hours", "draining": base + "draining",
             "drain": base + "d:"}
 
 
-class RedisUsageRecorder:
-    """A worker's ledger counts, sent to Redis in idempotent batches."""
+class _CountsSender:
+    """A worker's counts of one kind, sent to Redis in idempotent batches (see the module docstring)."""
+
+    NS = ""
+    WHAT = ""
 
     def __init__(self, url: str, prefix: str, interval: float = 1.0):
         self.url = RedisURL(url)
-        self.k = keys(prefix)
-        self.pending: dict[tuple, list[int]] = {}
+        self.k = keys(prefix, self.NS)
         self.unsent: list[tuple[str, list]] = []  # batches sent without an answer: sent again, same id
-        self.hour = int(time.time()) // 3600
         self.interval = interval
         self._next = 0.0
         self._task = None
@@ -75,21 +78,16 @@ class RedisUsageRecorder:
         self._warned = False
         self.applied = 0  # batches Redis accepted (tests)
 
-    def record(self, consumer, route, status: int, seconds: float = 0.0) -> None:
-        count_usage(self.pending, self.hour, consumer, route, status, seconds)
+    def _take(self) -> list:
+        """The pending counts as EVAL arguments (bucket, field, n, ...), and forget them."""
+        raise NotImplementedError
 
     def _batch(self) -> None:
-        if not self.pending:
-            return
-        args: list = []
-        for (hour, consumer, plan, api), (n, e, lat) in self.pending.items():
-            field = SEP.join((consumer, plan, api))
-            args += [str(hour), field + SEP + "r", n, str(hour), field + SEP + "e", e, str(hour), field + SEP + "l", lat]
-        self.pending = {}
-        self.unsent.append((uuid.uuid4().hex, args))
+        args = self._take()
+        if args:
+            self.unsent.append((uuid.uuid4().hex, args))
 
-    def tick(self, now: float, wall: int, force: bool = False) -> None:
-        self.hour = wall // 3600
+    def send_soon(self, now: float, force: bool = False) -> None:
         if (now < self._next and not force) or (self._task is not None and not self._task.done()):
             return
         self._next = now + self.interval
@@ -112,7 +110,7 @@ class RedisUsageRecorder:
                     self._conn.close()
                     self._conn = None
                 if not self._warned:
-                    log.warning("usage ledger: Redis %s: %s (counts kept, sent again with the same batch id)",
+                    log.warning("%s: Redis %s: %s (counts kept, sent again with the same batch id)", self.WHAT,
                                 self.url, exc)
                     self._warned = True
                 return
@@ -133,22 +131,91 @@ class RedisUsageRecorder:
             if self.unsent:
                 await asyncio.sleep(0.1)
         if self.unsent:
-            log.error("usage ledger: %d batch(es) not written at exit", len(self.unsent))
+            log.error("%s: %d batch(es) not written at exit", self.WHAT, len(self.unsent))
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class RedisUsageRecorder(_CountsSender):
+    """A worker's ledger counts (the local recorder's interface: record, tick, close)."""
+
+    NS = "usage"
+    WHAT = "usage ledger"
+
+    def __init__(self, url: str, prefix: str, interval: float = 1.0):
+        super().__init__(url, prefix, interval)
+        self.pending: dict[tuple, list[int]] = {}
+        self.hour = int(time.time()) // 3600
+
+    def record(self, consumer, route, status: int, seconds: float = 0.0) -> None:
+        count_usage(self.pending, self.hour, consumer, route, status, seconds)
+
+    def _take(self) -> list:
+        args: list = []
+        for (hour, consumer, plan, api), (n, e, lat) in self.pending.items():
+            field = SEP.join((consumer, plan, api))
+            args += [str(hour), field + SEP + "r", n, str(hour), field + SEP + "e", e, str(hour), field + SEP + "l", lat]
+        self.pending = {}
+        return args
+
+    def tick(self, now: float, wall: int, force: bool = False) -> None:
+        self.hour = wall // 3600
+        self.send_soon(now, force)
 
     def close(self) -> None:  # the local recorder's interface; the worker awaits aclose() instead
         pass
 
 
-class UsageDrainer:
-    """In the control process: moves the counts from Redis into the store's usage table."""
+SLOT = 10  # seconds per time-series bucket
 
-    def __init__(self, store_path: str, url: str, prefix: str, interval: float = 2.0):
+
+class RedisSeriesRecorder(_CountsSender):
+    """A worker's per-route time-series counts (metrics.WorkerMetrics hands them over as it flushes
+    its per-route stats): requests by status class, rate-limit refusals, latency sum and buckets."""
+
+    NS = "series"
+    WHAT = "time series"
+
+    def __init__(self, url: str, prefix: str, interval: float = 1.0):
+        super().__init__(url, prefix, interval)
+        self.pending: dict[tuple[int, str, str], int] = {}
+
+    def _add(self, route: str, col: str, n: int) -> None:
+        key = (int(time.time()) // SLOT, route, col)
+        self.pending[key] = self.pending.get(key, 0) + n
+
+    def route(self, rs) -> None:
+        """A RouteStats about to be flushed (its counts since the last flush)."""
+        for i, n in enumerate(rs.classes):
+            if n:
+                self._add(rs.name, f"c{i}", n)
+        if any(rs.lat):
+            self._add(rs.name, "lat_sum_us", int(rs.lat_sum * 1e6))
+            for i, n in enumerate(rs.lat):
+                if n:
+                    self._add(rs.name, f"b{i}", n)
+
+    def limited(self, route: str, n: int) -> None:
+        self._add(route, "limited", n)
+
+    def _take(self) -> list:
+        args: list = []
+        for (slot, route, col), n in self.pending.items():
+            args += [str(slot), route + SEP + col, n]
+        self.pending = {}
+        return args
+
+
+class UsageDrainer:
+    """In the control process: moves the counts from Redis into the store — the usage ledger's
+    and the time series' (`series`: only when `series` is True)."""
+
+    def __init__(self, store_path: str, url: str, prefix: str, interval: float = 2.0, series: bool = True):
         self.path = store_path
         self.url = RedisURL(url)
-        self.k = keys(prefix)
+        self.kinds = [(keys(prefix, "usage"), _apply_usage)] + ([(keys(prefix, "series"), _apply_series)]
+                                                               if series else [])
         self.interval = interval
         self.drained = 0
         self._stop = threading.Event()
@@ -180,36 +247,32 @@ class UsageDrainer:
 
     # --- one pass ------------------------------------------------------------------------------
     def drain_once(self, conn: sqlite3.Connection) -> int:
-        """Move every hour's counts into SQLite; returns the number of drains applied."""
+        """Move every bucket's counts into SQLite; returns the number of drains applied."""
         r = SyncRedis(self.url)
         try:
             applied = 0
-            for dkey in r.call("SMEMBERS", self.k["draining"]) or []:  # left over from an interrupted pass
-                applied += self._finish(r, conn, dkey.decode())
-            for hour in r.call("SMEMBERS", self.k["hours"]) or []:
-                dkey = f"{self.k['drain']}{hour.decode()}:{uuid.uuid4().hex}"
-                if r.call("EVAL", DRAIN, 4, self.k["hour"] + hour.decode(), dkey, self.k["draining"],
-                          self.k["hours"], hour):
-                    applied += self._finish(r, conn, dkey)
+            for k, apply in self.kinds:
+                for dkey in r.call("SMEMBERS", k["draining"]) or []:  # left over from an interrupted pass
+                    applied += self._finish(r, conn, k, apply, dkey.decode())
+                for bucket in r.call("SMEMBERS", k["hours"]) or []:
+                    dkey = f"{k['drain']}{bucket.decode()}:{uuid.uuid4().hex}"
+                    if r.call("EVAL", DRAIN, 4, k["hour"] + bucket.decode(), dkey, k["draining"], k["hours"], bucket):
+                        applied += self._finish(r, conn, k, apply, dkey)
             return applied
         finally:
             r.close()
 
-    def _finish(self, r, conn: sqlite3.Connection, dkey: str) -> int:
+    def _finish(self, r, conn: sqlite3.Connection, k: dict, apply, dkey: str) -> int:
         drain_id = dkey.rsplit(":", 1)[1]
-        hour = int(dkey.rsplit(":", 2)[1])
+        bucket = int(dkey.rsplit(":", 2)[1])
         done = conn.execute("SELECT 1 FROM usage_drains WHERE id = ?", (drain_id,)).fetchone() is not None
         n = 0
         if not done:
             flat = r.call("HGETALL", dkey) or []
-            rows: dict[tuple, list[int]] = {}
-            for i in range(0, len(flat), 2):
-                consumer, plan, api, kind = flat[i].decode().split(SEP)
-                c = rows.setdefault((hour, consumer, plan, api), [0, 0, 0])
-                c["rel".index(kind)] += int(flat[i + 1])
+            fields = {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(UPSERT_USAGE, [(*k, c[0], c[1], c[2]) for k, c in rows.items()])
+                apply(conn, bucket, fields)
                 conn.execute("INSERT INTO usage_drains (id, at) VALUES (?, ?)", (drain_id, time.time()))
                 conn.execute("DELETE FROM usage_drains WHERE at < ?", (time.time() - 7 * 86400,))
                 conn.execute("COMMIT")
@@ -220,5 +283,28 @@ class UsageDrainer:
             n = 1
             self.drained += 1
         r.call("DEL", dkey)
-        r.call("SREM", self.k["draining"], dkey)
+        r.call("SREM", k["draining"], dkey)
         return n
+
+
+def _apply_usage(conn: sqlite3.Connection, hour: int, fields: dict[str, int]) -> None:
+    rows: dict[tuple, list[int]] = {}
+    for field, v in fields.items():
+        consumer, plan, api, kind = field.split(SEP)
+        rows.setdefault((hour, consumer, plan, api), [0, 0, 0])["rel".index(kind)] += v
+    conn.executemany(UPSERT_USAGE, [(*key, c[0], c[1], c[2]) for key, c in rows.items()])
+
+
+def _apply_series(conn: sqlite3.Connection, slot: int, fields: dict[str, int]) -> None:
+    idx = {c: i for i, c in enumerate(SERIES_COLS)}
+    per: dict[str, list[int]] = {}
+    for field, v in fields.items():
+        route, col = field.split(SEP)
+        if col in idx:
+            per.setdefault(route, [0] * len(SERIES_COLS))[idx[col]] += v
+    cols = ", ".join(SERIES_COLS)
+    sql = (f"INSERT INTO metric_series (res, ts, route, {cols}) VALUES (?, ?, ?, {', '.join('?' for _ in SERIES_COLS)}) "
+           f"ON CONFLICT (res, ts, route) DO UPDATE SET {', '.join(f'{c} = {c} + excluded.{c}' for c in SERIES_COLS)}")
+    ts = slot * SLOT
+    for res in (10, 60):
+        conn.executemany(sql, [(res, ts - ts % res, route, *vals) for route, vals in per.items()])

@@ -63,6 +63,11 @@ class Worker:
         gen.start(loop)
         self.state = state = WorkerState(loop, gen, date_line(), os.urandom(8).hex().encode())
         state.metrics = WorkerMetrics(self.host_metrics)
+        if self.cfg.store.backend == "redis":  # every node's time series go through Redis too
+            from ..control.directory import store_redis_url
+            from ..control.usage_redis import RedisSeriesRecorder
+
+            state.metrics.remote = RedisSeriesRecorder(store_redis_url(self.cfg), self.cfg.store.key_prefix)
         state.usage = UsageRecorder.for_config(self.cfg)
         if self.cfg.tracing.otlp is not None:
             from ..otel import SpanExporter
@@ -99,6 +104,8 @@ class Worker:
         await self._stopping
         self._publish_health(None)  # this worker's view of the targets leaves the shared table
         self._flush_metrics()
+        if state.metrics.remote is not None:
+            await state.metrics.remote.aclose()
         if state.usage is not None:  # drained: what this worker counted reaches the ledger before it exits
             if hasattr(state.usage, "aclose"):
                 await state.usage.aclose()
@@ -186,6 +193,8 @@ class Worker:
     def _tick(self) -> None:
         state = self.state
         self._flush_metrics()
+        if state.metrics.remote is not None:
+            state.metrics.remote.send_soon(self.loop.time())
         if state.access_log is not None:
             state.access_log.flush()
         if state.spans is not None:
