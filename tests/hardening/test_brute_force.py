@@ -79,3 +79,25 @@ def test_header_key_needs_a_header():
     with pytest.raises(ConfigError) as info:
         load_config({"policies": [{"type": "auth-failure-limit", "key": "header"}]})
     assert [i.path for i in info.value.issues] == ["$.policies[0]"]
+
+
+async def test_real_ip_attached_after_it_still_names_the_client(loop):
+    """auth-failure-limit attached globally, real-ip on the route: both in the access phase, real-ip
+    later — the limit applies it first, so the client it checks is the one it counts."""
+    async with Upstream() as up:
+        d = config(
+            routes=[{"name": "api", "paths": ["/*"], "upstream": "u",
+                     "policies": [{"type": "real-ip", "trusted": ["127.0.0.1"]}, {"type": "key-auth"}]}],
+            upstreams=[{"name": "u", "targets": [{"address": up.address}]}],
+            consumers=[{"username": "alice", "keys": [hash_key(GOOD)]}],
+            policies=[{"type": "auth-failure-limit", "max_failures": 3}])
+        async with gateway(d) as gw, httpx.AsyncClient() as c:
+            url = f"http://127.0.0.1:{gw.port}/data"
+            for _ in range(3):
+                r = await c.get(url, headers={"X-Forwarded-For": "203.0.113.7", "apikey": "guess"})
+                assert r.status_code == 401
+            r = await c.get(url, headers={"X-Forwarded-For": "203.0.113.7", "apikey": GOOD})
+            assert r.status_code == 429
+            # the proxy (127.0.0.1) is not what was blocked: another client behind it is served
+            r = await c.get(url, headers={"X-Forwarded-For": "198.51.100.1", "apikey": GOOD})
+            assert r.status_code == 200

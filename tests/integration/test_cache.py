@@ -219,3 +219,14 @@ def test_backend_redis_without_a_redis_is_a_config_error():
                                     "policies": [{"type": "proxy-cache", "backend": "redis"}]}],
                            upstreams=[{"name": "u", "targets": [{"address": "127.0.0.1:1"}]}]))
     assert [i.path for i in info.value.issues] == ["$.routes[0].policies[0].backend"]
+
+
+async def test_an_absurd_max_age_is_clamped_not_an_error(loop):
+    handler, calls = counting({"Cache-Control": "max-age=" + "9" * 400})
+    async with Upstream(handler) as up, gateway(doc(up, {"type": "proxy-cache"})) as gw, \
+            httpx.AsyncClient() as c:
+        url = f"http://127.0.0.1:{gw.port}/big"
+        first = await c.get(url)
+        assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
+        second = await c.get(url)
+        assert second.headers["x-cache"] == "HIT" and len(calls) == 1

@@ -34,6 +34,9 @@ async def test_traceparent_is_forwarded_when_valid_and_generated_otherwise(loop)
                     "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff
                     "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # upper case
                     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # v00 with more
+                    "00-0x00000000000000000000000000000a-00f067aa0ba902b7-01",  # not hex digits only
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f0_7aa0ba902b7-01",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7--1",  # a signed flag
                     "garbage"]:
             await c.get(url, headers={"traceparent": bad})
             sent = [v for k, v in up.requests[-1].headers if k.lower() == b"traceparent"]

@@ -23,7 +23,7 @@ log = logging.getLogger("fastgate.directory")
 
 
 class Directory:
-    __slots__ = ("path", "interval", "conn", "version", "keys", "revoked", "_next", "_warned")
+    __slots__ = ("path", "interval", "conn", "version", "keys", "revoked", "names", "_next", "_warned")
 
     def __init__(self, path: str, interval: float = 0.5):
         self.path = os.path.abspath(path)
@@ -32,6 +32,7 @@ class Directory:
         self.version = None
         self.keys: dict[bytes, tuple[ConsumerInfo, bytes]] = {}  # sha256 hex digest → (consumer, identifier)
         self.revoked: frozenset[str] = frozenset()  # jtis of revoked, unexpired OAuth tokens (replaced whole)
+        self.names: frozenset[str] = frozenset()
         self._next = 0.0
         self._warned = False
         self.poll(0.0)
@@ -95,6 +96,7 @@ class Directory:
             keys[digest] = (info, b"sha256:" + digest[:16])
         self.keys = keys
         self.revoked = frozenset(snap["revoked"])
+        self.names = frozenset(infos)  # the store's consumers with a key (the consumer metrics label)
 
     def close(self) -> None:
         if self.conn is not None:
@@ -125,6 +127,9 @@ def store_redis_url(cfg) -> str:
 # when told (and whenever its subscription is new: nothing is missed across a disconnection).
 
 
+SILENCE = 35.0  # seconds without a message before a subscriber assumes its connection is dead
+
+
 class RedisDirectory(Directory):
     """A worker's directory when `store.backend: redis`: the same maps, fed through Redis pub/sub.
     While Redis is unreachable the last snapshot stays in force; the worker reconnects with back-off."""
@@ -139,6 +144,7 @@ class RedisDirectory(Directory):
         self.channel = self.key
         self.keys = {}
         self.revoked = frozenset()
+        self.names = frozenset()
         self._task = None
         self._warned = False
         self.loaded = 0  # snapshots applied (tests and logs)
@@ -170,7 +176,9 @@ class RedisDirectory(Directory):
                 self._warned = False
                 backoff = 0.05
                 while True:
-                    msg = await sub.read()
+                    # the publisher republishes every 10 s: silence for longer means a dead link
+                    # (a NAT or a failover dropped it without a reset), so reconnect and fetch again
+                    msg = await asyncio.wait_for(sub.read(), SILENCE)
                     if isinstance(msg, list) and msg and msg[0] == b"message":
                         await self._fetch()
             except asyncio.CancelledError:
@@ -214,10 +222,14 @@ class RespStream:
         else:
             r, w = await asyncio.wait_for(asyncio.open_connection(url.host, url.port, ssl=url.tls or None), timeout)
         conn = cls(r, w)
-        if url.password is not None:
-            await conn.call(*((b"AUTH", url.username, url.password) if url.username else (b"AUTH", url.password)))
-        if url.db:
-            await conn.call(b"SELECT", str(url.db))
+        try:
+            if url.password is not None:
+                await conn.call(*((b"AUTH", url.username, url.password) if url.username else (b"AUTH", url.password)))
+            if url.db:
+                await conn.call(b"SELECT", str(url.db))
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     async def call(self, *args):

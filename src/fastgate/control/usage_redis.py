@@ -242,6 +242,8 @@ class UsageDrainer:
                     if not self._warned:
                         log.warning("usage ledger: draining Redis %s: %s (retried)", self.url, exc)
                         self._warned = True
+                except Exception:  # noqa: BLE001 - a bug or a garbled reply must not end the draining
+                    log.exception("usage ledger: draining Redis %s failed (retried)", self.url)
         finally:
             conn.close()
 
@@ -290,7 +292,11 @@ class UsageDrainer:
 def _apply_usage(conn: sqlite3.Connection, hour: int, fields: dict[str, int]) -> None:
     rows: dict[tuple, list[int]] = {}
     for field, v in fields.items():
-        consumer, plan, api, kind = field.split(SEP)
+        parts = field.split(SEP)
+        if len(parts) != 4 or parts[3] not in ("r", "e", "l"):
+            log.error("usage ledger: a field nobody writes in Redis: %r (skipped)", field)
+            continue
+        consumer, plan, api, kind = parts
         rows.setdefault((hour, consumer, plan, api), [0, 0, 0])["rel".index(kind)] += v
     conn.executemany(UPSERT_USAGE, [(*key, c[0], c[1], c[2]) for key, c in rows.items()])
 
@@ -299,8 +305,8 @@ def _apply_series(conn: sqlite3.Connection, slot: int, fields: dict[str, int]) -
     idx = {c: i for i, c in enumerate(SERIES_COLS)}
     per: dict[str, list[int]] = {}
     for field, v in fields.items():
-        route, col = field.split(SEP)
-        if col in idx:
+        route, _, col = field.rpartition(SEP)
+        if route and col in idx:
             per.setdefault(route, [0] * len(SERIES_COLS))[idx[col]] += v
     cols = ", ".join(SERIES_COLS)
     sql = (f"INSERT INTO metric_series (res, ts, route, {cols}) VALUES (?, ?, ?, {', '.join('?' for _ in SERIES_COLS)}) "

@@ -296,10 +296,14 @@ class SyncRedis:
 
                 self.s = ssl.create_default_context().wrap_socket(self.s, server_hostname=url.host)
         self.reader = hiredis.Reader()
-        if url.password is not None:
-            self.call(*(("AUTH", url.username, url.password) if url.username else ("AUTH", url.password)))
-        if url.db:
-            self.call("SELECT", str(url.db))
+        try:
+            if url.password is not None:
+                self.call(*(("AUTH", url.username, url.password) if url.username else ("AUTH", url.password)))
+            if url.db:
+                self.call("SELECT", str(url.db))
+        except BaseException:
+            self.s.close()
+            raise
 
     def call(self, *args):
         self.s.sendall(pack(*args))

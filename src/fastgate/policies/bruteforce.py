@@ -23,7 +23,8 @@ NS = 1_000_000_000
 @register(AuthFailureLimit)
 class AuthFailureLimitPolicy:
     phase = "access"  # before authentication: a blocked client's credentials are never checked
-    __slots__ = ("table", "max_failures", "window_ns", "block_ns", "header", "prefix", "statuses", "metric")
+    __slots__ = ("table", "max_failures", "window_ns", "block_ns", "header", "prefix", "statuses", "metric",
+                 "before")
 
     def __init__(self, cfg: AuthFailureLimit, ctx):
         self.table = ctx.counters.local.table
@@ -34,6 +35,11 @@ class AuthFailureLimitPolicy:
         self.prefix = f"af:{ctx.owner}:".encode()
         self.statuses = frozenset(cfg.statuses)
         self.metric = b"rl|%s|auth_blocked" % ctx.route.encode()
+        # a real-ip declared after this policy in the same chain: apply it first, so the client
+        # checked here is the one counted when the answer is known (as ip-restriction does)
+        from .access import RealIpPolicy, _real_ips_after
+
+        self.before = tuple(RealIpPolicy(r) for r in _real_ips_after(ctx))
 
     def _who(self, ex) -> bytes:
         if self.header is not None:
@@ -43,6 +49,8 @@ class AuthFailureLimitPolicy:
         return b"ip:" + ex.client_ip
 
     def request(self, ex):
+        for p in self.before:
+            p.request(ex)
         now = monotonic_ns()
         until = self.table.get(self.prefix + b"b:" + self._who(ex), now)
         if until == 0 or until <= now:

@@ -30,6 +30,7 @@ from ..server.upstream import Capture
 from .base import register
 
 NO_BODY_STATUSES = (204, 304)
+MAX_TTL = 365 * 86400  # the longest a response is kept, whatever it says
 
 
 def head_values(head: bytes, name: bytes) -> list[bytes]:
@@ -209,7 +210,7 @@ class ProxyCachePolicy:
         for d in (b"s-maxage", b"max-age"):
             if d in cc:
                 try:
-                    ttl = float(int(cc[d]))
+                    ttl = float(min(int(cc[d]), MAX_TTL))  # a 400-digit max-age: a year, not an OverflowError
                 except ValueError:
                     return
                 break

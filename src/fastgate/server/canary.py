@@ -110,7 +110,8 @@ class Canary:
         elif self.max_p99 is not None and slow > 0.01 * req:
             reason = 2
         if reason and table.get(self.flag) == 0:
-            if table.add(self.flag, reason) == reason:  # the first worker to set it says so
+            if table.add(self.flag + b"|t", 1) == 1:  # the first worker to trip it sets the reason and says so
+                table.add(self.flag, reason)
                 slower = f", {slow} slower than {self.max_p99} s" if self.max_p99 is not None else ""
                 log.warning("canary of route %s (release %s) rolled back: %s over the last %.0f s — %d answers, "
                             "%d errors%s", self.route, self.release, REASONS[reason], 2 * self.window_ns / _MONO,
@@ -163,12 +164,16 @@ def reset(table, route) -> int:
     was = table.get(key)
     if c.rollback is not None:
         now = monotonic_ns()
-        slot = now // int(c.rollback.window * _MONO / 2)
+        half = int(c.rollback.window * _MONO / 2)
+        slot = now // half
         for s in (slot - 1, slot, slot + 1):
             for k in window_keys(route.name, c.release, s):
                 n = table.get(k, now)
                 if n:
-                    table.add(k, -n)
+                    table.add(k, -n, 3 * half, now)  # expires like the key it zeroes
     if was:
         table.add(key, -was)
+    tripped = table.get(key + b"|t")
+    if tripped:
+        table.add(key + b"|t", -tripped)
     return was

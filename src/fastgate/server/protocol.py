@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import socket
 from random import getrandbits, random
 from time import perf_counter, time, time_ns
@@ -670,8 +671,7 @@ class GatewayProtocol(asyncio.Protocol):
             upstream = ex.t_head - ex.t_up if ex.t_head >= 0 else -1.0
             metrics.request(ex.route.stats if ex.route is not None else metrics.unmatched, status, elapsed, upstream)
             if ex.consumer is not None and self._state.gen.consumer_label:
-                metrics.pending[b"cq|%s|%s|%d" % (ex.route.name.encode(), ex.consumer.username.encode(),
-                                                  status // 100)] += 1
+                self._count_consumer(ex, status)
             if ex.consumer is not None and self._state.usage is not None:
                 self._state.usage.record(ex.consumer, ex.route, status, elapsed)
             alog = self._state.access_log
@@ -722,6 +722,14 @@ class GatewayProtocol(asyncio.Protocol):
         elif self._phase == WAIT:
             self._phase = IDLE
             self._since = state.now
+
+    def _count_consumer(self, ex: Exchange, status: int) -> None:
+        """metrics.consumer_label: only consumers the config or the store knows get a series — a
+        token's free-form `sub` must not fill the shared table with keys nobody lists."""
+        gen = self._state.gen
+        name = ex.consumer.username
+        if name in gen.consumers or (gen.directory is not None and name in gen.directory.names):
+            self._state.metrics.pending[b"cq|%s|%s|%d" % (ex.route.name.encode(), name.encode(), status // 100)] += 1
 
     def _close(self) -> None:
         if not self._closed:
@@ -1195,6 +1203,9 @@ def _head_only(response: bytes) -> bytes:
     return response if end < 0 else response[:end + 4]
 
 
+_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}").fullmatch
+
+
 def _valid_traceparent(tp: bytes) -> bool:
     """W3C trace context, version 00: 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>, ids not
     all zero (a later version may carry more after the first 55 bytes)."""
@@ -1203,12 +1214,9 @@ def _valid_traceparent(tp: bytes) -> bool:
     version = tp[:2]
     if version == b"ff" or (version == b"00" and len(tp) != 55) or (len(tp) > 55 and tp[55:56] != b"-"):
         return False
-    try:
-        int(tp[:2], 16), int(tp[53:55], 16)
-        trace, parent = int(tp[3:35], 16), int(tp[36:52], 16)
-    except ValueError:
+    if _TRACEPARENT(tp[:55]) is None:  # lowercase hex digits only (int(x, 16) would take 0x, _, signs)
         return False
-    return trace != 0 and parent != 0 and tp[:55] == tp[:55].lower() and b" " not in tp and b"+" not in tp
+    return tp[3:35] != b"0" * 32 and tp[36:52] != b"0" * 16
 
 
 def _remove_headers(head: bytes, names: frozenset) -> bytes:

@@ -155,7 +155,7 @@ class Worker:
         if gen.consumer_label:  # the names to look up: the config's and the store's consumers
             consumers = set(gen.consumers)
             if gen.directory is not None:
-                consumers.update(info.username for info, _cred in gen.directory.keys.values())
+                consumers.update(gen.directory.names)
         return render_metrics(self.host_metrics, gen.cfg, gauges, consumers)
 
     def reopen_logs(self) -> None:
