@@ -12,6 +12,7 @@ import math
 
 from .._core.headers import find_header
 from ..config.schema import RateLimit
+from ..counters.local import NS, LocalCounters
 from ..errors import CounterBackendError
 from ..server.responses import build_error
 from .base import register
@@ -37,7 +38,8 @@ def x_fields(limit: int, remaining: int, reset_s: int, suffix: bytes = b"") -> b
 class RateLimitPolicy:
     phase = "limits"
     __slots__ = ("counters", "rate", "per", "burst", "sliding", "key_kind", "header", "prefix", "policy_line",
-                 "window", "name", "metric_allowed", "metric_limited", "metric_unavailable", "fields_fmt")
+                 "window", "name", "metric_allowed", "metric_limited", "metric_unavailable", "fields_fmt",
+                 "gcra_ns", "per_ns")
 
     def __init__(self, cfg: RateLimit, ctx):
         backend = cfg.backend
@@ -66,6 +68,10 @@ class RateLimitPolicy:
         quota = int(self.rate) if self.sliding else self.burst
         self.policy_line = policy_field(self.name, quota, self.window)
         # every answer's fields in one %-format: (remaining, reset, remaining, reset)
+        # local GCRA: the compiled limiter called straight, in nanoseconds (no wrapper, no float round trip)
+        self.gcra_ns = self.counters.limiter.gcra if isinstance(self.counters, LocalCounters) and not self.sliding \
+            else None
+        self.per_ns = int(cfg.per * NS)
         self.fields_fmt = (self.policy_line.replace(b"%", b"%%") + state_field(self.name, 0, 0).replace(
             b"%", b"%%").replace(b";r=0;t=0", b";r=%d;t=%d") + x_fields(quota, 0, 0).replace(b"%", b"%%").replace(
             b"Remaining: 0", b"Remaining: %d").replace(b"Reset: 0", b"Reset: %d"))
@@ -82,6 +88,17 @@ class RateLimitPolicy:
 
     def request(self, ex):
         key = self._key(ex)
+        gcra = self.gcra_ns
+        if gcra is not None:  # the common case, decided here: same answer as _decide, in whole ns
+            allowed, remaining, retry_ns, reset_ns = gcra(key, self.rate, self.per_ns, self.burst, 1)
+            reset_s = -(-reset_ns // NS) if reset_ns > 0 else 0
+            lines = self.fields_fmt % (remaining, reset_s, remaining, reset_s)
+            if allowed:
+                ex.proto.count(self.metric_allowed)
+                ex.resp_extra += lines
+                return None
+            ex.proto.count(self.metric_limited)
+            return ex.reply(429, "rate_limited", lines + b"Retry-After: %d\r\n" % max(1, -(-retry_ns // NS)))
         try:
             if self.sliding:
                 r = self.counters.sliding_window(key, int(self.rate), self.per)
