@@ -237,3 +237,24 @@ def screenshot(page, name: str) -> str:
     data = page.screenshot(path=path, full_page=True)
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, f"screenshot {name} looks empty"
     return path
+
+
+def wait_for(pred, timeout: float = 15.0, what: str = "condition", interval: float = 0.1):
+    """Poll `pred` (an HTTP error counts as not yet) until it returns something true, which is
+    returned; past `timeout` seconds fail, naming `what` and the last answer."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = result = pred()
+        except httpx.HTTPError as exc:
+            last, result = exc, None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+        time.sleep(interval)

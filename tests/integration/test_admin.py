@@ -9,14 +9,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from fastgate.policies.auth import hash_key
-from tests.harness import free_port
+from tests.harness import free_port, wait_for
 
 TOKEN = "test-admin-token-0123456789"
 
@@ -39,19 +38,6 @@ apis:
       - {{version: v1, state: published, routes: [{{name: pets-list, paths: [/list], mock: {{json: []}}}}]}}
 """
 
-
-def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = pred()
-        except httpx.HTTPError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 class ControlledGateway:

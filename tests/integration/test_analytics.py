@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from fastgate.policies.auth import hash_key
-from tests.harness import free_port, screenshot
+from tests.harness import free_port, screenshot, wait_for
 
 TOKEN = "test-admin-token-analytics-0123"
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef00", "carol": "carol-key-0123456789abcdef"}
@@ -58,20 +58,6 @@ apis:
           - {{name: shop-missing, paths: [/missing], mock: {{status: 404, body: "no"}}}}
 """
 
-
-def wait_for(pred, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = result = pred()
-        except httpx.HTTPError as exc:
-            last, result = exc, None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-        time.sleep(0.2)
 
 
 class Gateway:

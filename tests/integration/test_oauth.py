@@ -20,7 +20,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.harness import free_port
+from tests.harness import free_port, wait_for
 
 TOKEN = "test-admin-token-0123456789"
 AUDIENCE = "https://api.example.test"
@@ -64,19 +64,6 @@ routes:
           issuer: "http://127.0.0.1:{portal}", audience: {audience}, check_revoked: true, required_scopes: [write]}}
 """
 
-
-def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = pred()
-        except httpx.HTTPError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class OAuthGateway:

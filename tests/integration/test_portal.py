@@ -10,13 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import free_port, screenshot
+from tests.harness import free_port, screenshot, wait_for
 
 TOKEN = "test-admin-token-0123456789"
 CHROMIUM = os.environ.get("FASTGATE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -68,19 +67,6 @@ apis:
           policies: [{{type: key-auth}}]}}]}}
 """
 
-
-def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = pred()
-        except httpx.HTTPError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 class PortalGateway:

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.harness import free_port
+from tests.harness import free_port, wait_for
 from tests.redis_server import RedisServer
 
 TOKEN = "cluster-admin-token-0123456789"
@@ -32,18 +32,6 @@ apis:
       - {{version: v1, routes: [{{name: billed, paths: [/billed], mock: {{body: "b"}}, policies: [{{type: key-auth}}]}}]}}
 """
 
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if pred():
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Node:
