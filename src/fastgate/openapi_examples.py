@@ -14,12 +14,11 @@ config generation is built, so a request costs what a static mock costs.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 
 import orjson
 
-from .policies.openapi import METHODS, SpecError, _deref, _escape, _is_json, _load
+from .policies.openapi import METHODS, SpecError, _deref, _escape, _is_json, load_document
 
 _NONE = object()
 OPERATION_REF = re.compile(r"^([A-Za-z]+)\s+(/\S*)$")
@@ -43,26 +42,6 @@ class ExampleResponse:
 
     def __repr__(self) -> str:
         return f"ExampleResponse({self.status}, {self.media_type!r}, {self.body[:40]!r})"
-
-
-_DOCS: dict = {}
-
-
-def load_document(path: str) -> dict:
-    """The parsed document, shared while the file is unchanged; SpecError if it is not OpenAPI 3.x."""
-    try:
-        st = os.stat(path)
-        key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    except OSError:
-        key = None
-    doc = _DOCS.get(key) if key is not None else None
-    if doc is None:
-        doc = _load(path)
-        if key is not None:
-            if len(_DOCS) >= 64:
-                _DOCS.clear()
-            _DOCS[key] = doc
-    return doc
 
 
 def operations(doc: dict):

@@ -135,21 +135,41 @@ def _prepare(doc: dict, v30: bool) -> dict:
     return doc
 
 
+_DOCS: dict = {}
 _PREPARED: dict = {}
+
+
+def _file_key(path: str):
+    """(absolute path, mtime, size): a cache key valid while the file is unchanged; None if unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
+
+
+def load_document(path: str) -> dict:
+    """The parsed document, shared while the file is unchanged (the validation policy and mocks from
+    examples read the same files); SpecError if it is not OpenAPI 3.x. Callers never mutate it."""
+    key = _file_key(path)
+    doc = _DOCS.get(key) if key is not None else None
+    if doc is None:
+        doc = _load(path)
+        if key is not None:
+            if len(_DOCS) >= 64:
+                _DOCS.clear()
+            _DOCS[key] = doc
+    return doc
 
 
 def _prepared(path: str) -> tuple[bool, dict]:
     """(is 3.0, the prepared document), parsed once while the file is unchanged: a route per operation
     (`fastgate import` writes one) compiles each with `only`, and must not parse the file each time.
     Nothing mutates the prepared document (validators compile from a shallow copy of its root)."""
-    try:
-        st = os.stat(path)
-        key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    except OSError:
-        key = None
+    key = _file_key(path)
     found = _PREPARED.get(key) if key is not None else None
     if found is None:
-        raw = _load(path)
+        raw = load_document(path)  # _prepare works on a deep copy: the shared parse stays as read
         v30 = str(raw["openapi"]).startswith("3.0")
         found = (v30, _prepare(raw, v30))
         if key is not None:
