@@ -6,6 +6,7 @@ import collections
 
 import httpx
 
+from fastgate.policies.auth import hash_key
 from tests.harness import Upstream, config, free_port, gateway, raw, reply, simple_config
 
 
@@ -134,6 +135,26 @@ async def test_round_robin_weighted_and_consistent_hash(loop):
         assert len(got) == 1 and sum(got.values()) == 10  # sticky
         got = await _spread(60, hashed, [a, b], headers=lambda i: {"X-User": f"user{i}"})
         assert set(got) == {"a", "b"}  # and spread
+
+
+async def test_consistent_hash_on_consumer(loop):
+    """hash_on consumer: the authenticated consumer picks the target (every request here comes
+    from 127.0.0.1, so hashing the client IP would send them all to one target)."""
+    names = [f"user{i}" for i in range(16)]
+    async with Upstream(lambda r: reply(200, b"a")) as a, Upstream(lambda r: reply(200, b"b")) as b:
+        doc = config(routes=[{"name": "r", "paths": ["/*"], "upstream": "u", "policies": [{"type": "key-auth"}]}],
+                     upstreams=[{"name": "u", "balancer": "consistent_hash", "hash_on": "consumer",
+                                 "targets": [{"address": a.address}, {"address": b.address}]}],
+                     consumers=[{"username": n, "keys": [hash_key(f"key-{n}")]} for n in names])
+        async with gateway(doc) as gw, httpx.AsyncClient() as c:
+            seen = collections.defaultdict(set)
+            for _ in range(3):
+                for n in names:
+                    r = await c.get(f"http://127.0.0.1:{gw.port}/", headers={"apikey": f"key-{n}"})
+                    assert r.status_code == 200
+                    seen[n].add(r.text)
+    assert all(len(t) == 1 for t in seen.values())  # each consumer sticks to one target
+    assert {t for ts in seen.values() for t in ts} == {"a", "b"}  # and consumers spread over both
 
 
 async def test_least_connections_prefers_the_idle_target(loop):

@@ -18,8 +18,9 @@ class Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Seconds = Annotated[float, Meta(gt=0, le=86400 * 365)]
 OptSeconds = Annotated[float, Meta(ge=0, le=86400 * 365)]  # 0 = off
-Bytes = Annotated[int, Meta(ge=0)]
-Count = Annotated[int, Meta(ge=1)]
+MAX_INT = 2**53 - 1  # counts and sizes fit a C integer and a JSON number (an error with its path, not a crash)
+Bytes = Annotated[int, Meta(ge=0, le=MAX_INT)]
+Count = Annotated[int, Meta(ge=1, le=MAX_INT)]
 Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 Status = Annotated[int, Meta(ge=100, le=599)]
 Method = Literal["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"]
@@ -641,7 +642,7 @@ class Route(Base):
     paths: Annotated[list[str], Meta(min_length=1)]
     hosts: list[str] = []
     methods: list[Method] = []
-    priority: int = 0
+    priority: Annotated[int, Meta(ge=-MAX_INT, le=MAX_INT)] = 0
     upstream: str | None = None
     mock: Mock | None = None
     strip_path: bool = False  # remove the pattern's static prefix (the part before `*`)

@@ -8,7 +8,7 @@ A policy object may have these hooks (all optional):
                   chain resumes with the awaitable's result, which is None or bytes as above
   request_body(ex, body)  after the whole body (the route buffers up to `body_limit`): None or bytes
   response(ex, rh)        on the upstream's response head; may set ex.capture = Capture(tee, cap)
-                          (server/upstream.py) to receive the body in response_end
+                          (_core/proxy.pyx) to receive the body in response_end
   response_end(ex, body)  the whole upstream body, in reverse phase order: with a held capture a
                           transform returns the body to send (None: unchanged); with a tee the
                           client already has it (a cache stores it)

@@ -24,9 +24,9 @@ import time
 import msgspec
 import orjson
 
+from .._core.proxy import Capture
 from ..config.schema import ProxyCache, ResponseBody
 from ..server.responses import CLOSE, KEEP_ALIVE
-from ..server.upstream import Capture
 from .base import register
 
 NO_BODY_STATUSES = (204, 304)

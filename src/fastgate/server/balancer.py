@@ -11,6 +11,9 @@ import bisect
 import random
 import zlib
 
+# what a consistent-hash upstream hashes on (UpstreamGroup.hash_on; -1: not hashing)
+HASH_IP, HASH_HEADER, HASH_COOKIE, HASH_CONSUMER = 0, 1, 2, 3
+
 
 class Balancer:
     __slots__ = ("targets", "_rand")

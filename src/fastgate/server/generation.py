@@ -9,23 +9,21 @@ import logging
 
 import orjson
 
+from .._core.proxy import Target
 from .._core.router import Router, parse_pattern
 from ..config.load import all_routes, split_address
 from ..config.schema import Config, RequestHeaders, ResponseHeaders
 from ..control.directory import Directory
 from ..metrics import RouteStats
 from ..policies.base import NO_POLICIES
-from .balancer import BALANCERS
+from .balancer import BALANCERS, HASH_CONSUMER, HASH_COOKIE, HASH_HEADER, HASH_IP
 from .canary import Canary
 from .health import TargetHealth, run_active_checks
 from .responses import status_line
-from .upstream import Target
 
 log = logging.getLogger("fastgate.generation")
 
-HASH_IP, HASH_HEADER, HASH_COOKIE, HASH_CONSUMER = 0, 1, 2, 3
 _HASH_ON = {"ip": HASH_IP, "header": HASH_HEADER, "cookie": HASH_COOKIE, "consumer": HASH_CONSUMER}
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
 class UpstreamGroup:
@@ -90,6 +88,7 @@ class Binding:
     """The router's value for one (route, path pattern): how to build the upstream path."""
 
     __slots__ = ("route", "names", "strip", "rewrite")
+    switch = False  # a VersionSwitch stands in the router's place of a Binding: the protocol asks this
 
     def __init__(self, route: CompiledRoute, pattern: str, strip_path: bool, rewrite: str | None):
         self.route = route
@@ -117,6 +116,7 @@ class VersionSwitch:
     different or overlapping patterns (v1 `/*`, v2 `/{id}`): each is matched as if alone."""
 
     __slots__ = ("api", "by_header", "key", "default", "entries", "routers")
+    switch = True
 
     def __init__(self, api, default: str | None):
         self.api = api.name

@@ -10,6 +10,7 @@ import time
 
 import uvloop
 
+from .._core.proxy import GatewayProtocol, WorkerState
 from .._core.shm import SharedTable
 from ..accesslog import AccessLog
 from ..config.schema import Config
@@ -22,7 +23,6 @@ from ..metrics import render as render_metrics
 from .accept import AcceptServer
 from .generation import Generation
 from .metrics_http import MetricsProtocol
-from .protocol import GatewayProtocol, WorkerState
 from .responses import date_line
 
 log = logging.getLogger("fastgate.worker")

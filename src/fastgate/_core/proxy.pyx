@@ -1,4 +1,6 @@
-"""The client side of the data plane: one GatewayProtocol per client connection.
+# cython: freethreading_compatible = False
+"""The data plane, compiled: one GatewayProtocol per client connection, one UpstreamProtocol per
+upstream connection, an Exchange per request (the fields are typed in proxy.pxd).
 
 httptools (llhttp, strict mode) is the judge of request framing. Per request:
 parse → normalise path → route match (compiled) → build the upstream head (compiled) → pick a
@@ -8,9 +10,17 @@ in flight waits in `_pipeline` (reading is paused meanwhile). Errors the gateway
 (400, 404, 413, 502, ...) are "local" exchanges queued in the same order, so pipelining never
 reorders responses. Timeouts are checked by the worker's tick (`check`), not by a timer per
 request.
-"""
-from __future__ import annotations
 
+Upstream side: an `UpstreamProtocol` serves one exchange at a time. It scans the response head
+with the compiled `scan_response_head` (strict: a malformed head is a 502 and the connection is
+closed, never pooled), writes the rewritten head to the client and then passes the body through
+untouched, counting Content-Length or following chunked framing with the compiled
+`ChunkedScanner`. A connection goes back to its pool only when the response ended exactly where
+its framing said, the request was fully sent, and both sides allow keep-alive.
+
+This was server/protocol.py and server/upstream.py, interpreted, until the CPU per request
+(bench/RESULTS.md) showed the interpreter's attribute lookups as the largest cost left.
+"""
 import asyncio
 import collections
 import logging
@@ -21,46 +31,370 @@ from time import perf_counter, time, time_ns
 
 import httptools
 
-from .._core.headers import build_request_head, find_header, scan_request
-from .._core.router import normalize_path
-from ..errors import GatewayError, NoHealthyUpstream, UpstreamTimeout
+from .headers import ChunkedScanner, build_request_head, find_header, scan_request, scan_response_head
+from .router import normalize_path
+from ..errors import (GatewayError, NoHealthyUpstream, UpstreamConnectError, UpstreamProtocolError,
+                      UpstreamResetError, UpstreamTimeout)
 from ..policies.base import IDENTITY_HEADERS
-from .generation import HASH_COOKIE, HASH_HEADER, IDEMPOTENT, VersionSwitch
-from .responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
-from .upstream import UpstreamProtocol, connect
+from ..server.responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
+from ..server.balancer import HASH_CONSUMER, HASH_COOKIE, HASH_HEADER
 
-SAMPLE_MASK = 63  # one request in 64 has its policy hooks timed for fastgate_policy_duration_seconds
-LINGER = 5.0  # seconds a lingering close keeps reading a client's unwanted body
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))  # retried on failure
+
+MAX_RESPONSE_HEAD = 65536
+cdef enum:
+    HEAD_NONE = 0
+    HEAD_LENGTH = 1
+    HEAD_CHUNKED = 2
+    HEAD_CLOSE = 3
+    # parser phases (for timeouts)
+    IDLE = 0
+    HEAD = 1
+    BODY = 2
+    WAIT = 3
+    # reasons reading from the client is paused (bitmask)
+    P_PIPELINE = 1
+    P_UPSTREAM = 2
+    P_BUFFER = 4
+    P_DEAD = 8
+    SAMPLE_MASK = 63  # one request in 64 has its policy hooks timed for fastgate_policy_duration_seconds
+    REPLAY_LIMIT = 65536  # request bodies up to this size are kept for a retry
+    BUFFER_HIGH = 262144  # body bytes buffered before an upstream is ready: pause reading past this
+
+cdef double LINGER = 5.0  # seconds a lingering close keeps reading a client's unwanted body
+cdef double DRAIN_GRACE = 1.0  # seconds an idle keep-alive connection may still send one last request
 UNMATCHED = "(unmatched)"  # the route label of requests no route took (404, 400 before routing)
+TERMINAL_CHUNK = b"0\r\n\r\n"
 
 log = logging.getLogger("fastgate.protocol")
-
-# parser phases (for timeouts)
-IDLE, HEAD, BODY, WAIT = 0, 1, 2, 3
-# reasons reading from the client is paused (bitmask)
-P_PIPELINE, P_UPSTREAM, P_BUFFER, P_DEAD = 1, 2, 4, 8
-REPLAY_LIMIT = 65536  # request bodies up to this size are kept for a retry
-BUFFER_HIGH = 262144  # body bytes buffered before an upstream is ready: pause reading past this
-TERMINAL_CHUNK = b"0\r\n\r\n"
-DRAIN_GRACE = 1.0  # seconds an idle keep-alive connection may still send one last request
 
 
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the response is already queued."""
 
 
-class Exchange:
+# --- upstream side ------------------------------------------------------------------------------
+cdef class Target:
+    """One upstream server: address, weight, health and its pool of idle connections."""
+
+
+    def __init__(self, str address, str host, int port, int weight, pool_cfg, health, bytes host_header):
+        self.address = address
+        self.host = host
+        self.port = port
+        self.weight = weight
+        self.health = health
+        self.active = 0  # exchanges in flight (least-connections, p2c)
+        self.idle = []
+        self.max_idle = pool_cfg.max_idle
+        self.idle_timeout = pool_cfg.idle_timeout
+        self.max_requests = pool_cfg.max_requests
+        self.host_header = host_header
+        self.loop = None
+
+    cpdef object take_idle(self):
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    cpdef give_back(self, UpstreamProtocol conn, double now):
+        if conn.closed:
+            return
+        if len(self.idle) >= self.max_idle or conn.requests >= self.max_requests:
+            conn.close()
+            return
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def sweep_idle(self, double now):
+        """Close idle connections older than idle_timeout (oldest are at the front)."""
+        idle = self.idle
+        limit = now - self.idle_timeout
+        n = 0
+        for conn in idle:
+            if conn.idle_since > limit and not conn.closed:
+                break
+            n += 1
+        if n:
+            for conn in idle[:n]:
+                conn.close()
+            del idle[:n]
+
+    def close_all(self):
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+cdef class UpstreamProtocol:
+
+    def __init__(self, Target target):
+        self.target = target
+        self.transport = None
+        self.ex = None  # the Exchange being served, None while idle
+        self.buf = None  # partial response head
+        self.mode = -1  # -1: reading the head; else HEAD_* body mode
+        self.remaining = 0
+        self.scanner = None
+        self.decode = False
+        self.requests = 0
+        self.idle_since = 0.0
+        self.closed = False
+        self.got_bytes = False
+        self.tunnel = False
+        self.keep_alive = True
+        self.sink = None  # where the response goes: the client's transport, or a Capture
+
+    # --- asyncio hooks ----------------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def connection_lost(self, exc):
+        self.closed = True
+        ex = self.ex
+        if ex is None:
+            return
+        self.ex = None
+        if self.tunnel:
+            ex.proto.tunnel_closed()
+        elif self.mode == HEAD_CLOSE:
+            ex.proto.response_done(ex, self, False)
+        else:
+            ex.proto.upstream_failed(ex, self, UpstreamResetError("upstream closed the connection"))
+
+    def eof_received(self):
+        return False  # the upstream half-closed: close; connection_lost decides what it meant
+
+    def pause_writing(self):
+        ex = self.ex
+        if ex is not None:
+            ex.proto.pause_client_reading(2)
+
+    def resume_writing(self):
+        ex = self.ex
+        if ex is not None:
+            ex.proto.resume_client_reading(2)
+
+    def data_received(self, data):
+        ex = self.ex
+        if ex is None:  # bytes on an idle connection: the upstream is confused; never reuse it
+            self.close()
+            return
+        self.got_bytes = True
+        ex.upstream_bytes += len(data)
+        ex.last = ex.proto._state.now
+        if self.tunnel:
+            ex.proto.transport.write(data)
+            return
+        if self.mode < 0:
+            if self.buf is not None:
+                self.buf += data
+                data = self.buf
+            self._head(ex, data, 0)
+        else:
+            self._body(ex, data, 0)
+
+    # --- response reading -------------------------------------------------------------------------
+    cdef _head(self, Exchange ex, object data, Py_ssize_t start):
+        while True:
+            try:
+                rh = scan_response_head(data, start, ex.head_request, MAX_RESPONSE_HEAD)
+            except ValueError as exc:
+                self.keep_alive = False
+                ex.proto.upstream_failed(ex, self, UpstreamProtocolError(str(exc)))
+                return
+            if rh is None:
+                self.buf = bytearray(data[start:]) if start or not isinstance(data, bytearray) else data
+                return
+            self.buf = None
+            status = rh.status
+            if 100 <= status < 200 and status != 101:
+                ex.proto.informational(ex, rh)
+                start = rh.end
+                if start >= len(data):
+                    return
+                continue
+            break
+        self.keep_alive = rh.keep_alive
+        mode = rh.body_mode
+        if status == 101:
+            if ex.upgrade is None:
+                self.keep_alive = False
+                ex.proto.upstream_failed(ex, self, UpstreamProtocolError("101 to a request without Upgrade"))
+                return
+            self.tunnel = True
+            ex.proto.start_tunnel(ex, rh, data[rh.end:])
+            return
+        self.mode = mode
+        head = ex.proto.response_head(ex, self, rh)
+        cap = ex.capture
+        if cap is None:
+            self.sink = ex.proto.transport
+        else:
+            cap.start(ex.proto.transport, head)
+            self.sink = cap
+        if mode == HEAD_LENGTH:
+            self.remaining = rh.content_length
+        elif mode == HEAD_CHUNKED:
+            # HTTP/1.0 clients and held-back responses get the body de-chunked
+            self.decode = ex.version == 10 or (cap is not None and not cap.tee)
+            self.scanner = ChunkedScanner(self.decode)
+        end = rh.end
+        if mode == HEAD_NONE or (mode == HEAD_LENGTH and self.remaining == 0):
+            self.sink.write(head)
+            if end < len(data):
+                self.keep_alive = False  # bytes after a body-less response: poisoned
+            ex.proto.response_done(ex, self, self.keep_alive)
+            return
+        if end < len(data):
+            self._body(ex, data, end, head)  # head and the first body bytes in one writev
+        else:
+            self.sink.write(head)
+
+    cdef _body(self, Exchange ex, object data, Py_ssize_t start, object head=None):
+        mode = self.mode
+        proto = ex.proto
+        sink = self.sink
+        if mode == HEAD_LENGTH:
+            n = len(data) - start
+            rem = self.remaining
+            if n < rem:
+                self.remaining = rem - n
+                _send(sink, head, data if start == 0 else data[start:])
+                return
+            _send(sink, head, data[start:start + rem] if start or n > rem else data)
+            if n > rem:
+                self.keep_alive = False  # extra bytes after the body: never reuse
+            self.remaining = 0
+            proto.response_done(ex, self, self.keep_alive)
+        elif mode == HEAD_CHUNKED:
+            try:
+                end = self.scanner.feed(data, start)
+            except ValueError:
+                self.keep_alive = False
+                if head is not None:
+                    sink.write(head)
+                proto.abort_response(ex, self, UpstreamProtocolError("bad chunked framing from upstream"))
+                return
+            if self.decode:
+                _send(sink, head, self.scanner.take())
+            elif end < 0:
+                _send(sink, head, data if start == 0 else data[start:])
+            else:
+                _send(sink, head, data[start:end])
+            if end >= 0:
+                if end < len(data):
+                    self.keep_alive = False
+                proto.response_done(ex, self, self.keep_alive)
+        else:  # HEAD_CLOSE: until the upstream closes
+            _send(sink, head, data if start == 0 else data[start:])
+
+
+    # --- exchange management ----------------------------------------------------------------------
+    cdef attach(self, Exchange ex):
+        self.ex = ex
+        self.mode = -1
+        self.buf = None
+        self.scanner = None
+        self.got_bytes = False
+        self.keep_alive = True
+        self.requests += 1
+
+    def detach(self):
+        self.ex = None
+
+    cpdef close(self):
+        self.closed = True
+        self.ex = None
+        if self.transport is not None:
+            self.transport.close()
+
+    cpdef abort(self):
+        self.closed = True
+        self.ex = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def connect(loop, Target target, double timeout):
+    """Open a new connection to a target; UpstreamConnectError on refusal or timeout."""
+    try:
+        _t, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: UpstreamProtocol(target), target.host, target.port), timeout)
+    except TimeoutError:
+        raise UpstreamConnectError(f"connect to {target.address} timed out", 504, "upstream_connect_timeout") from None
+    except OSError as exc:
+        raise UpstreamConnectError(f"connect to {target.address}: {exc.strerror or exc}") from None
+    return proto
+
+
+class Capture:
+    """Where a response goes when policies need its body (ex.capture, set by a response hook).
+
+    tee=True   written through to the client as usual, and a copy of the body kept up to `cap`
+               bytes (a cache stores it); past the cap the copy is dropped (`over`).
+    tee=False  held back whole (a body transform rewrites it); the head written here is the one
+               response_head built without framing. Past `cap` the response is `over`: the
+               gateway answers 502 instead of sending a truncated or untransformed body.
+    """
+
+
+    __slots__ = ("tee", "cap", "transport", "head", "body", "over")
+
+    def __init__(self, bint tee, Py_ssize_t cap):
+        self.tee = tee
+        self.cap = cap
+        self.transport = None
+        self.head = b""
+        self.body = bytearray()
+        self.over = False
+
+    def start(self, transport, bytes head):
+        self.transport = transport
+        self.head = head
+
+    def write(self, data):
+        if self.tee:
+            self.transport.write(data)
+        if data is self.head and not self.body:
+            return  # the head: the client has it (tee) or response_done builds it (held)
+        if not self.over:
+            if len(self.body) + len(data) > self.cap:
+                self.over = True
+                self.body = bytearray()
+            else:
+                self.body += data
+
+    def writelines(self, parts):
+        for p in parts:
+            self.write(p)
+
+
+cdef inline _send(transport, head, body):
+    if head is None:
+        if body:
+            transport.write(body)
+    elif body:
+        transport.writelines((head, body))
+    else:
+        transport.write(head)
+
+
+# --- client side --------------------------------------------------------------------------------
+cdef class Exchange:
     """One request/response. `local` is set for responses the gateway writes itself."""
 
-    __slots__ = ("proto", "binding", "route", "method", "version", "keep_alive", "request_id", "headers",
-                 "info", "target_path", "upgrade", "body_mode", "content_length", "head_request", "req_done",
-                 "out", "sent", "sent_bytes", "body_bytes", "conn", "target", "attempt", "excluded", "responded",
-                 "started", "last", "connecting", "local", "expect", "status", "consumer", "resp_extra",
-                 "pending", "path", "query", "up_add", "claims", "body_parts", "held", "scratch", "client_ip",
-                 "finished", "t0", "t_up", "t_head", "resp_drop", "capture", "cache_key", "trace",
-                 "upstream_bytes", "up_drop", "params", "host", "group", "canary", "span_parent")
 
-    def __init__(self, proto):
+    def __init__(self, GatewayProtocol proto):
         self.proto = proto
         self.binding = None
         self.route = None
@@ -119,23 +453,23 @@ class Exchange:
         self.t_head = -1.0
 
     # --- for policies -----------------------------------------------------------------------------
-    def header(self, name: bytes) -> bytes | None:
+    def header(self, bytes name):
         """The first value of the request header `name` (lowercase bytes), or None."""
         return find_header(self.headers, name)
 
-    def reply(self, status: int, reason: str, extra_headers: bytes = b"", **fields) -> bytes:
+    def reply(self, int status, str reason, bytes extra_headers=b"", **fields):
         """A complete JSON error response for a policy to return: {"error": reason, ...fields}."""
         return build_error(status, reason, self.request_id, self.proto.date, not self.keep_alive,
                            self.resp_extra + extra_headers, **fields)
 
-    def add_upstream_header(self, name: bytes, value: bytes) -> None:
+    def add_upstream_header(self, bytes name, bytes value):
         self.up_add = self.up_add + ((name, value),)
 
-    def drop_upstream_header(self, name: bytes) -> None:
+    def drop_upstream_header(self, bytes name):
         """Keep the client's header `name` (any case) from the upstream, for this request only."""
         self.up_drop = (self.up_drop or frozenset()) | {name.lower()}
 
-    def authenticated(self, consumer, claims=None, credential: bytes | None = None) -> None:
+    def authenticated(self, consumer, claims=None, credential=None):
         """An authentication policy found who this is: the upstream is told in X-Consumer-* headers."""
         first = self.consumer is None
         self.consumer = consumer
@@ -150,16 +484,14 @@ class Exchange:
         self.up_add = add
 
 
-class WorkerState:
+cdef class WorkerState:
     """Global state shared by every connection of a worker."""
 
-    __slots__ = ("loop", "gen", "connections", "date", "rid_prefix", "rid_n", "draining", "stats", "now",
-                 "requests", "metrics", "sampled", "access_log", "usage", "spans")
 
-    def __init__(self, loop, gen, date: bytes, rid_prefix: bytes):
+    def __init__(self, loop, gen, bytes date, bytes rid_prefix):
         self.loop = loop
         self.gen = gen
-        self.connections: set[GatewayProtocol] = set()
+        self.connections = set()
         self.date = date
         self.rid_prefix = rid_prefix
         self.rid_n = 0
@@ -173,24 +505,14 @@ class WorkerState:
         self.usage = None  # control.analytics.UsageRecorder: the billing ledger's counts, set by the worker
         self.sampled = 0  # requests with policies; every SAMPLE_MASK+1-th has its hooks timed
 
-    def new_request_id(self) -> bytes:
+    cpdef bytes new_request_id(self):
         self.rid_n += 1
         return b"%s%016x" % (self.rid_prefix, self.rid_n)
 
 
-class GatewayProtocol(asyncio.Protocol):
-    __slots__ = (
-        # global state
-        "_state", "_loop",
-        # per-connection state
-        "transport", "_parser", "client_ip", "_scheme", "_current", "_pipeline", "_paused", "_requests",
-        "_phase", "_since", "_head_bytes", "_dead", "_tunnel", "_tunnel_buf", "_wpaused", "_wpaused_since",
-        "_closed", "_starting", "_linger", "_eof",
-        # per-request state (the request being parsed)
-        "_url", "_headers", "_hbytes", "_ex",
-    )
+cdef class GatewayProtocol:
 
-    def __init__(self, state: WorkerState, scheme: bytes = b"http"):
+    def __init__(self, WorkerState state, bytes scheme=b"http"):
         self._state = state
         self._loop = state.loop
         self.transport = None
@@ -245,13 +567,13 @@ class GatewayProtocol(asyncio.Protocol):
         ex = self._current
         if ex is not None:
             self._drop_upstream(ex, failed=False)
-            self._done(ex)
+            _done(ex)
         if self._tunnel is not None:
             self._tunnel.close()
             self._tunnel = None
         for ex in self._pipeline:
             ex.conn = None
-            self._done(ex)
+            _done(ex)
         self._pipeline.clear()
         self._current = None
         self._ex = None
@@ -426,7 +748,7 @@ class GatewayProtocol(asyncio.Protocol):
         if found is None:
             return self._no_route(ex, "no_route")
         binding, params = found
-        if binding.__class__ is VersionSwitch:  # an API whose versions share paths: header or query picks
+        if binding.switch:  # an API whose versions share paths: header or query picks
             found = binding.select(method, host, npath, headers, query)
             if found.__class__ is str:
                 return self._no_route(ex, found)
@@ -472,7 +794,7 @@ class GatewayProtocol(asyncio.Protocol):
         self._hbytes = 0
         self._enqueue(ex)
 
-    def _no_route(self, ex: Exchange, error: str) -> None:
+    cdef _no_route(self, Exchange ex, str error):
         if ex.upgrade is not None:
             return self._reject(404, error)
         # a well-formed request nothing routes: answered in order, the connection kept
@@ -523,7 +845,7 @@ class GatewayProtocol(asyncio.Protocol):
         if ex.body_parts is not None and ex.pending is None:
             self._body_ready(ex)
 
-    def _body_ready(self, ex: Exchange) -> None:
+    cdef _body_ready(self, Exchange ex):
         """The whole body is here and the request hooks are done: run the body hooks."""
         body = b"".join(ex.body_parts)
         ex.body_parts = None
@@ -541,7 +863,7 @@ class GatewayProtocol(asyncio.Protocol):
                 self._start(ex)
 
     # --- queueing ---------------------------------------------------------------------------------
-    def _enqueue(self, ex: Exchange) -> None:
+    cdef _enqueue(self, Exchange ex):
         if self._current is None:
             self._current = ex
             self._starting = ex  # started by data_received once this read is parsed
@@ -551,16 +873,16 @@ class GatewayProtocol(asyncio.Protocol):
 
     # --- policies ---------------------------------------------------------------------------------
     @property
-    def date(self) -> bytes:
+    def date(self):
         return self._state.date
 
-    def count(self, key: bytes, n: int = 1) -> None:
+    def count(self, bytes key, n=1):
         """Bump a host-wide metric (metrics.py key format)."""
         m = self._state.metrics
         if m is not None:
             m.pending[key] += n
 
-    def _run_chain(self, ex: Exchange, chain: tuple, i: int) -> None:
+    cdef _run_chain(self, Exchange ex, tuple chain, Py_ssize_t i):
         """Run request hooks from i on; stop at a response, or park the exchange on an awaitable."""
         n = len(chain)
         while i < n:
@@ -576,7 +898,7 @@ class GatewayProtocol(asyncio.Protocol):
             fut.add_done_callback(lambda f, ex=ex, chain=chain, i=i: self._chain_resumed(ex, chain, i, f))
             return
 
-    def _run_chain_timed(self, ex: Exchange, chain) -> None:
+    cdef _run_chain_timed(self, Exchange ex, object chain):
         """_run_chain for a sampled request: each hook's own time goes to the policy histogram
         (a hook that waits is timed up to the moment it hands back its awaitable)."""
         hooks = chain.request
@@ -600,7 +922,7 @@ class GatewayProtocol(asyncio.Protocol):
             fut.add_done_callback(lambda f, ex=ex, chain=hooks, i=i: self._chain_resumed(ex, chain, i, f))
             return
 
-    def _chain_resumed(self, ex: Exchange, chain: tuple, i: int, fut) -> None:
+    def _chain_resumed(self, Exchange ex, tuple chain, Py_ssize_t i, fut):
         ex.pending = None
         if self._closed:
             return
@@ -627,7 +949,7 @@ class GatewayProtocol(asyncio.Protocol):
             if self._current is ex and self._starting is not ex:
                 self._start(ex)
 
-    def _start(self, ex: Exchange) -> None:
+    cdef _start(self, Exchange ex):
         self._current = ex
         if ex.pending is not None:
             return  # started when the policy it waits for is done
@@ -646,19 +968,8 @@ class GatewayProtocol(asyncio.Protocol):
         ex.started = ex.last = self._state.now
         self._proxy(ex)
 
-    @staticmethod
-    def _done(ex: Exchange) -> None:
-        """Run the route's done hooks once per routed exchange (it finished or its client left)."""
-        if ex.finished or ex.route is None:
-            return
-        ex.finished = True
-        for hook in ex.route.chain.done:
-            try:
-                hook(ex)
-            except Exception:  # a policy's bug must not take the connection with it
-                log.exception("done hook failed on %s", ex.route.name)
 
-    def _finish(self, ex: Exchange) -> None:
+    cdef _finish(self, Exchange ex):
         """The response to `ex` is complete: next request, idle, or close."""
         self._current = None
         if ex.canary is not None:
@@ -700,7 +1011,7 @@ class GatewayProtocol(asyncio.Protocol):
                           end - int((perf_counter() - ex.t0) * 1e9), end,
                           round((ex.t_head - ex.t_up) * 1000, 3) if ex.t_head >= 0 else None))
         if ex.route is not None and ex.route.chain.done:
-            self._done(ex)
+            _done(ex)
         state = self._state
         if self._closed:
             return
@@ -723,7 +1034,7 @@ class GatewayProtocol(asyncio.Protocol):
             self._phase = IDLE
             self._since = state.now
 
-    def _count_consumer(self, ex: Exchange, status: int) -> None:
+    cdef _count_consumer(self, Exchange ex, int status):
         """metrics.consumer_label: only consumers the config or the store knows get a series — a
         token's free-form `sub` must not fill the shared table with keys nobody lists."""
         gen = self._state.gen
@@ -731,12 +1042,12 @@ class GatewayProtocol(asyncio.Protocol):
         if name in gen.consumers or (gen.directory is not None and name in gen.directory.names):
             self._state.metrics.pending[b"cq|%s|%s|%d" % (ex.route.name.encode(), name.encode(), status // 100)] += 1
 
-    def _close(self) -> None:
+    cdef _close(self):
         if not self._closed:
             self._closed = True
             self.transport.close()
 
-    def _linger_close(self) -> None:
+    cdef _linger_close(self):
         """Answered before the client finished sending its body: shut our side, then read and drop
         what it still sends for up to LINGER seconds (nginx's lingering close). Closing at once
         would make the kernel answer those bytes with a reset, which can destroy the response
@@ -752,7 +1063,7 @@ class GatewayProtocol(asyncio.Protocol):
         t.resume_reading()
 
     # --- local responses --------------------------------------------------------------------------
-    def _mock(self, ex: Exchange, mock) -> bytes:
+    cdef bytes _mock(self, Exchange ex, object mock):
         head, body = mock
         parts = [head, self._state.date, b"X-Request-ID: ", ex.request_id, b"\r\n", ex.route.resp_add, ex.resp_extra]
         if not ex.keep_alive:
@@ -764,18 +1075,18 @@ class GatewayProtocol(asyncio.Protocol):
             parts.append(body)
         return b"".join(parts)
 
-    def _error_bytes(self, ex: Exchange | None, status: int, reason: str, close: bool) -> bytes:
+    cdef bytes _error_bytes(self, Exchange ex, int status, str reason, bint close):
         rid = ex.request_id if ex is not None and ex.request_id else self._state.new_request_id()
         self._state.stats[f"status_{status}"] += 1
         data = build_error(status, reason, rid, self._state.date, close)
         return data if ex is None or not ex.head_request else _head_only(data)
 
-    def _reject(self, status: int, reason: str, detail: str = ""):
+    cdef _reject(self, int status, str reason, str detail=""):
         """From a parser callback: answer with an error (in order) and stop reading this connection."""
         self._reject_parse(status, reason, detail)
         raise _Reject(reason)
 
-    def _reject_parse(self, status: int, reason: str, detail: str) -> None:
+    cdef _reject_parse(self, int status, str reason, str detail):
         if self._dead:
             return
         if detail:
@@ -810,7 +1121,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.pause_client_reading(P_DEAD)
 
     # --- upstream side ----------------------------------------------------------------------------
-    def _hash_key(self, ex: Exchange, group) -> bytes:
+    cdef bytes _hash_key(self, Exchange ex, object group):
         if group.hash_on == HASH_HEADER:
             return find_header(ex.headers, group.hash_key) or b""
         if group.hash_on == HASH_COOKIE:
@@ -820,9 +1131,11 @@ class GatewayProtocol(asyncio.Protocol):
                 if k.lower() == group.hash_key:
                     return v
             return b""
-        return ex.client_ip  # the client real-ip found (the TCP peer otherwise)
+        if group.hash_on == HASH_CONSUMER and ex.consumer is not None:
+            return ex.consumer.username.encode()
+        return ex.client_ip  # the client real-ip found (the TCP peer otherwise); anonymous requests too
 
-    def _proxy(self, ex: Exchange) -> None:
+    cdef _proxy(self, Exchange ex):
         group = ex.group
         if group is None:
             route = ex.route
@@ -851,7 +1164,7 @@ class GatewayProtocol(asyncio.Protocol):
             ex.connecting = True
             self._loop.create_task(self._connect(ex, target))
 
-    async def _connect(self, ex: Exchange, target) -> None:
+    async def _connect(self, Exchange ex, Target target):
         try:
             conn = await connect(self._loop, target, ex.group.connect_timeout)
         except GatewayError as exc:
@@ -860,7 +1173,7 @@ class GatewayProtocol(asyncio.Protocol):
                 target.active -= 1
                 target.health.report(False, self._loop.time())
                 ex.target = None
-                self._retry_or_fail(ex, target, exc, connect_failed=True)
+                self._retry_or_fail(ex, target, exc, True)
             return
         ex.connecting = False
         if self._current is not ex or self._closed or ex.target is not target:
@@ -868,7 +1181,7 @@ class GatewayProtocol(asyncio.Protocol):
             return
         self._send(ex, conn)
 
-    def _send(self, ex: Exchange, conn: UpstreamProtocol) -> None:
+    cdef _send(self, Exchange ex, UpstreamProtocol conn):
         target = ex.target
         conn.attach(ex)
         ex.conn = conn
@@ -895,7 +1208,7 @@ class GatewayProtocol(asyncio.Protocol):
             ex.out = []
             out.insert(0, head)
             data = b"".join(out)
-            self._keep_sent(ex, out[1:])
+            _keep_sent(ex, out[1:])
         else:
             data = head
         conn.transport.write(data)
@@ -904,24 +1217,14 @@ class GatewayProtocol(asyncio.Protocol):
         if ex.body_bytes > BUFFER_HIGH or self._paused & P_BUFFER:
             self.resume_client_reading(P_BUFFER)
 
-    def _flush(self, ex: Exchange) -> None:
+    cdef _flush(self, Exchange ex):
         out = ex.out
         ex.out = []
         ex.conn.transport.write(b"".join(out) if len(out) > 1 else out[0])
-        self._keep_sent(ex, out)
+        _keep_sent(ex, out)
 
-    @staticmethod
-    def _keep_sent(ex: Exchange, frames: list) -> None:
-        if ex.sent is None:
-            return
-        for f in frames:
-            ex.sent_bytes += len(f)
-        if ex.sent_bytes > REPLAY_LIMIT:
-            ex.sent = None
-        else:
-            ex.sent += frames
 
-    def _drop_upstream(self, ex: Exchange, failed: bool) -> None:
+    cdef _drop_upstream(self, Exchange ex, bint failed):
         conn = ex.conn
         if conn is not None:
             ex.conn = None
@@ -932,8 +1235,7 @@ class GatewayProtocol(asyncio.Protocol):
                 ex.target.health.report(False, self._loop.time())
             ex.target = None
 
-    def _retry_or_fail(self, ex: Exchange, target, exc: GatewayError, connect_failed: bool = False,
-                       idle_reset: bool = False) -> None:
+    cdef _retry_or_fail(self, Exchange ex, Target target, object exc, bint connect_failed=False, bint idle_reset=False):
         group = ex.group
         replayable = ex.sent is not None and (ex.method in IDEMPOTENT or connect_failed or idle_reset)
         if not ex.responded and replayable and ex.attempt < group.retries and ex.upgrade is None:
@@ -948,7 +1250,7 @@ class GatewayProtocol(asyncio.Protocol):
             return
         self._fail(ex, exc)
 
-    def _fail(self, ex: Exchange, exc: GatewayError) -> None:
+    cdef _fail(self, Exchange ex, object exc):
         """Answer `ex` with an error, or cut the client off if the response had already started."""
         if ex.responded:
             self._abort_client()
@@ -961,18 +1263,18 @@ class GatewayProtocol(asyncio.Protocol):
         ex.responded = True
         self._finish(ex)
 
-    def _abort_client(self) -> None:
+    cdef _abort_client(self):
         self._current = None
         self._pipeline.clear()
         self._closed = True
         self.transport.abort()
 
     # --- called by UpstreamProtocol ---------------------------------------------------------------
-    def informational(self, ex: Exchange, rh) -> None:
+    cdef informational(self, Exchange ex, object rh):
         if rh.status != 100 and ex.version == 11:
             self.transport.write(rh.head + b"\r\n")
 
-    def response_head(self, ex: Exchange, conn, rh) -> bytes:
+    cdef bytes response_head(self, Exchange ex, UpstreamProtocol conn, object rh):
         """The head to send the client (the caller writes it, with the first body bytes)."""
         ex.status = rh.status
         ex.t_head = perf_counter()
@@ -1013,7 +1315,7 @@ class GatewayProtocol(asyncio.Protocol):
         ex.responded = True
         return b"".join(parts)
 
-    def response_done(self, ex: Exchange, conn, reusable: bool) -> None:
+    cdef response_done(self, Exchange ex, UpstreamProtocol conn, bint reusable):
         if ex.capture is not None:
             self._captured(ex)
         target = ex.target
@@ -1036,7 +1338,7 @@ class GatewayProtocol(asyncio.Protocol):
         if self._current is ex:
             self._finish(ex)
 
-    def _captured(self, ex: Exchange) -> None:
+    cdef _captured(self, Exchange ex):
         """The whole response went through a Capture: send a held one (transformed), or hand a
         tee'd copy to the policies that wanted it."""
         cap = ex.capture
@@ -1073,7 +1375,7 @@ class GatewayProtocol(asyncio.Protocol):
             self.transport.writelines((cap.head, b"Content-Length: %d\r\n\r\n" % n, body))
         ex.responded = True
 
-    def upstream_failed(self, ex: Exchange, conn, exc: GatewayError) -> None:
+    cdef upstream_failed(self, Exchange ex, UpstreamProtocol conn, object exc):
         target = ex.target
         idle_reset = conn.requests > 1 and not conn.got_bytes
         ex.conn = None
@@ -1085,15 +1387,15 @@ class GatewayProtocol(asyncio.Protocol):
                 target.health.report(False, self._loop.time())
         if self._current is not ex or self._closed:
             return
-        self._retry_or_fail(ex, target, exc, idle_reset=idle_reset)
+        self._retry_or_fail(ex, target, exc, False, idle_reset)
 
-    def abort_response(self, ex: Exchange, conn, exc: GatewayError) -> None:
+    cdef abort_response(self, Exchange ex, UpstreamProtocol conn, object exc):
         log.warning("upstream broke a response mid-body: %s", exc)
         self._drop_upstream(ex, failed=True)
         self._abort_client()
 
     # --- tunnels (WebSocket) ----------------------------------------------------------------------
-    def _on_upgrade(self, data, offset: int) -> None:
+    def _on_upgrade(self, data, Py_ssize_t offset):
         ex = self._ex or self._current
         if ex is None or ex.upgrade is None or ex.local is not None:
             self._reject_parse(400, "bad_request", "unexpected upgrade")
@@ -1103,7 +1405,7 @@ class GatewayProtocol(asyncio.Protocol):
         self._tunnel_buf = bytearray(data[offset:])
         ex.out = []
 
-    def start_tunnel(self, ex: Exchange, rh, rest: bytes) -> None:
+    cdef start_tunnel(self, Exchange ex, object rh, object rest):
         conn = ex.conn
         ex.responded = True
         self.transport.write(rh.head + b"Connection: upgrade\r\n\r\n" + rest)
@@ -1114,19 +1416,19 @@ class GatewayProtocol(asyncio.Protocol):
             conn.transport.write(bytes(buf))
         self._state.stats["tunnels"] += 1
 
-    def tunnel_closed(self) -> None:
+    cdef tunnel_closed(self):
         self._tunnel = None
         self._close()
 
     # --- flow control -----------------------------------------------------------------------------
-    def pause_client_reading(self, reason: int) -> None:
+    cpdef pause_client_reading(self, int reason):
         if self._linger > 0:
             return  # a lingering close reads (and drops) everything until it closes
         if not self._paused and self.transport is not None and not self._closed:
             self.transport.pause_reading()
         self._paused |= reason
 
-    def resume_client_reading(self, reason: int) -> None:
+    cpdef resume_client_reading(self, int reason):
         if not self._paused & reason:
             return
         self._paused &= ~reason
@@ -1134,7 +1436,7 @@ class GatewayProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     # --- timeouts (called by the worker tick) -----------------------------------------------------
-    def check(self, now: float) -> None:
+    def check(self, double now):
         if self._linger > 0:
             if now > self._linger:
                 self._close()
@@ -1174,13 +1476,13 @@ class GatewayProtocol(asyncio.Protocol):
             elif ex.conn is not None and now - ex.last > group.read_timeout and not self._wpaused:
                 self._timeout(ex, "upstream read timeout")
 
-    def _timeout(self, ex: Exchange, what: str) -> None:
+    cdef _timeout(self, Exchange ex, str what):
         self._state.stats["upstream_timeouts"] += 1
         ex.connecting = False
         self._drop_upstream(ex, failed=True)
         self._fail(ex, UpstreamTimeout(what))
 
-    def drain(self, now: float) -> None:
+    def drain(self, double now):
         """Worker shutdown begins. A busy connection closes after its current response (which says
         `Connection: close`). An idle one gets DRAIN_GRACE seconds: a request arriving meanwhile is
         served with `Connection: close`; then it is closed. Closing idle keep-alive connections at
@@ -1189,14 +1491,14 @@ class GatewayProtocol(asyncio.Protocol):
             self._phase = IDLE
             self._since = now
 
-    def abort(self) -> None:
+    def abort(self):
         if not self._closed:
             self._abort_client()
         if self._tunnel is not None:
             self._tunnel.abort()
 
 
-def _head_only(response: bytes) -> bytes:
+cdef bytes _head_only(bytes response):
     """A local response to a HEAD request: the head, Content-Length kept, no body (RFC 9110 9.3.2) —
     a body here would be read as the start of the next response on a kept-alive connection."""
     end = response.find(b"\r\n\r\n")
@@ -1206,7 +1508,7 @@ def _head_only(response: bytes) -> bytes:
 _TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}").fullmatch
 
 
-def _valid_traceparent(tp: bytes) -> bool:
+cdef bint _valid_traceparent(bytes tp):
     """W3C trace context, version 00: 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>, ids not
     all zero (a later version may carry more after the first 55 bytes)."""
     if len(tp) < 55 or tp[2:3] != b"-" or tp[35:36] != b"-" or tp[52:53] != b"-":
@@ -1219,7 +1521,30 @@ def _valid_traceparent(tp: bytes) -> bool:
     return tp[3:35] != b"0" * 32 and tp[36:52] != b"0" * 16
 
 
-def _remove_headers(head: bytes, names: frozenset) -> bytes:
+cdef bytes _remove_headers(bytes head, object names):
     lines = head.split(b"\r\n")
     kept = [lines[0]] + [ln for ln in lines[1:] if ln.split(b":", 1)[0].strip().lower() not in names]
     return b"\r\n".join(kept)
+
+
+cdef _done(Exchange ex):
+    """Run the route's done hooks once per routed exchange (it finished or its client left)."""
+    if ex.finished or ex.route is None:
+        return
+    ex.finished = True
+    for hook in ex.route.chain.done:
+        try:
+            hook(ex)
+        except Exception:  # a policy's bug must not take the connection with it
+            log.exception("done hook failed on %s", ex.route.name)
+
+
+cdef _keep_sent(Exchange ex, list frames):
+    if ex.sent is None:
+        return
+    for f in frames:
+        ex.sent_bytes += len(f)
+    if ex.sent_bytes > REPLAY_LIMIT:
+        ex.sent = None
+    else:
+        ex.sent += frames
