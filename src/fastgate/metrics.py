@@ -1,6 +1,6 @@
 """Metrics shared by every worker of a host, and their Prometheus exposition.
 
-The hot path only bumps per-worker list slots (`RouteStats`) and a dict (`WorkerMetrics.inc`);
+The hot path only bumps per-worker C counters (`_core.stats.RouteStats`) and a dict (`WorkerMetrics.inc`);
 each worker adds its deltas into shared memory the supervisor mapped before forking (HostMetrics)
 once per tick, so a scrape of any worker sees the whole host, and the counts outlive reloads and
 worker restarts.
@@ -20,8 +20,8 @@ import collections
 import os
 
 from ._core.shm import SharedArray, SharedTable
+from ._core.stats import BUCKETS, RouteStats
 
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BUCKETS_FINE = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)  # policy hooks: µs
 CLASSES = (b"1xx", b"2xx", b"3xx", b"4xx", b"5xx")
 _CLASS = {i: CLASSES[i - 1] for i in range(1, 6)}
@@ -62,44 +62,6 @@ class HostMetrics:
         return full
 
 
-class RouteStats:
-    """One route's counts in this worker since the last flush: plain list slots, so recording a
-    request is a few C-level operations (the hot path); `flush` turns them into table keys."""
-
-    __slots__ = ("name", "classes", "lat", "lat_sum", "ulat", "ulat_sum", "dirty")
-
-    def __init__(self, route: str):
-        self.name = route
-        self.classes = [0] * 6
-        self.lat = [0] * (len(BUCKETS) + 1)
-        self.ulat = [0] * (len(BUCKETS) + 1)
-        self.lat_sum = 0.0
-        self.ulat_sum = 0.0
-        self.dirty = False
-
-    def flush(self, add, base: int) -> None:
-        """Add the counts into the route's record, which starts at `base` in the SharedArray."""
-        for i, n in enumerate(self.classes):
-            if n:
-                add(base + i, n)
-        at = base + 6
-        for counts, total in ((self.lat, self.lat_sum), (self.ulat, self.ulat_sum)):
-            count = 0
-            for i, n in enumerate(counts):
-                if n:
-                    count += n
-                    add(at + i, n)
-            if count:
-                add(at + NB, int(total * 1e6))
-                add(at + NB + 1, count)
-            at += NB + 2
-        self.classes = [0] * 6
-        self.lat = [0] * (len(BUCKETS) + 1)
-        self.ulat = [0] * (len(BUCKETS) + 1)
-        self.lat_sum = self.ulat_sum = 0.0
-        self.dirty = False
-
-
 class WorkerMetrics:
     """A worker's not-yet-shared counts. `flush` (each tick) adds them to the host's table."""
 
@@ -110,24 +72,12 @@ class WorkerMetrics:
         self.table = host.table if host is not None else None
         self.lost = 0  # requests of routes that got no record (more new routes than room)
         self.pending = collections.Counter()
-        self.dirty: list[RouteStats] = []  # RouteStats touched since the last flush
+        self.dirty: list[RouteStats] = []  # RouteStats touched since the last flush (the data plane appends)
         self.unmatched = RouteStats("(unmatched)")
         self.remote = None  # store.backend redis: the time series also go to Redis (control/usage_redis.py)
 
     def inc(self, key: bytes, n: int = 1) -> None:
         self.pending[key] += n
-
-    def request(self, rs: RouteStats, status: int, seconds: float, upstream_seconds: float = -1.0) -> None:
-        """Record one answered request (the hot path: keep it to list increments)."""
-        rs.classes[status // 100 if 100 <= status < 600 else 0] += 1
-        rs.lat[bisect.bisect_left(BUCKETS, seconds)] += 1
-        rs.lat_sum += seconds
-        if upstream_seconds >= 0:
-            rs.ulat[bisect.bisect_left(BUCKETS, upstream_seconds)] += 1
-            rs.ulat_sum += upstream_seconds
-        if not rs.dirty:
-            rs.dirty = True
-            self.dirty.append(rs)
 
     def policy(self, route: str, name: str, seconds: float) -> None:
         _observe(self.pending, b"pol|%s|%s" % (route.encode(), name.encode()), seconds, BUCKETS_FINE)
@@ -145,8 +95,7 @@ class WorkerMetrics:
             i = index.get(rs.name)
             if i is None:
                 self.lost += sum(rs.classes)
-                rs.classes = [0] * 6
-                rs.dirty = False
+                rs.reset()
                 continue
             rs.flush(arr_add, i * RECORD)
         self.dirty.clear()

@@ -1,3 +1,5 @@
+from .stats cimport RouteStats
+
 # The data plane's per-connection objects as cdef classes: one field access is a C struct read,
 # one method call among them a C call (uvloop's handles/*.pxd pattern: fields typed in the .pxd,
 # the inline helpers final). Policies (Python) see Exchange's fields as `public` attributes.
@@ -46,16 +48,16 @@ cdef class UpstreamProtocol:
 
 cdef class Exchange:
     cdef public GatewayProtocol proto
-    cdef public object binding
-    cdef public object route
+    cdef public object binding  # the router's value: server.generation.Binding
+    cdef public object route  # server.generation.CompiledRoute (None: nothing routed)
     cdef public bytes method
     cdef public int version
     cdef public bint keep_alive
     cdef public bytes request_id
     cdef public list headers
-    cdef public object info
+    cdef public object info  # headers.scan_request's RequestInfo
     cdef public bytes target_path
-    cdef public object upgrade
+    cdef public object upgrade  # b"websocket" when the client asked to upgrade
     cdef public int body_mode  # 0 none, 1 content-length, 2 chunked
     cdef public Py_ssize_t content_length
     cdef public bint head_request
@@ -64,48 +66,53 @@ cdef class Exchange:
     cdef public object sent  # frames written upstream, kept for a retry (None once past REPLAY_LIMIT)
     cdef public Py_ssize_t sent_bytes
     cdef public Py_ssize_t body_bytes
-    cdef public UpstreamProtocol conn
+    cdef public UpstreamProtocol conn  # the upstream connection serving this exchange
     cdef public Target target
-    cdef public int attempt
-    cdef public tuple excluded
+    cdef public int attempt  # retries so far
+    cdef public tuple excluded  # targets that failed this exchange (not picked again)
     cdef public bint responded
-    cdef public double started
+    cdef public double started  # loop time when proxying began; last: the last byte either way
     cdef public double last
     cdef public bint connecting
-    cdef public object local
+    cdef public object local  # a response the gateway writes itself (bytes)
     cdef public bint expect
     cdef public int status
-    cdef public object consumer
-    cdef public object resp_extra
-    cdef public object pending
-    cdef public bytes path
-    cdef public bytes query
-    cdef public tuple up_add
-    cdef public object claims
-    cdef public object body_parts
-    cdef public bint held
-    cdef public object scratch
-    cdef public object client_ip
+    cdef public object consumer  # set by an authentication policy
+    cdef public object resp_extra  # header lines policies add to the response
+    cdef public object pending  # a policy's awaitable the exchange waits for
+    cdef public bytes path  # the normalised request path (no query)
+    cdef public bytes query  # the raw query string, without "?"
+    cdef public tuple up_add  # (name, value) header pairs policies add for the upstream
+    cdef public object claims  # what authentication verified (JWT claims, introspection answer)
+    cdef public object body_parts  # the body, buffered while body hooks wait for all of it
+    cdef public bint held  # started, but waiting for the whole body before proxying
+    cdef public object scratch  # per-request state a policy keeps between its hooks
+    cdef public object client_ip  # the peer, or who a trusted proxy says the client is
     cdef public bint finished
-    cdef public double t0
+    cdef public double t0  # perf_counter() when the head was parsed; t_up: sent upstream; t_head: its answer
     cdef public double t_up
     cdef public double t_head
-    cdef public object resp_drop
-    cdef public object capture
-    cdef public object cache_key
-    cdef public object trace
-    cdef public Py_ssize_t upstream_bytes
-    cdef public object up_drop
-    cdef public tuple params
-    cdef public bytes host
-    cdef public object group
-    cdef public object canary
-    cdef public object span_parent
+    cdef public object resp_drop  # lowercase names of upstream response headers response hooks remove
+    cdef public object capture  # Capture when a response hook needs the body (cache, transforms)
+    cdef public object cache_key  # the proxy-cache policy's note between its request and response hooks
+    cdef public object trace  # the traceparent sent upstream (W3C trace context)
+    cdef public Py_ssize_t upstream_bytes  # bytes the upstream sent for this exchange (access log)
+    cdef public object up_drop  # lowercase request header names policies keep from the upstream
+    cdef public tuple params  # the route pattern's captured {params}, in order
+    cdef public bytes host  # the authority routed on: Host, or an absolute-form target's (RFC 9112 3.2.2)
+    cdef public object group  # the UpstreamGroup proxied to: the route's, or its canary's
+    cdef public object canary  # the route's Canary when this request went to the canary
+    cdef public object span_parent  # OTLP export: the client's span id (hex), the parent of the gateway's span
 
 
 cdef class WorkerState:
     cdef public object loop
-    cdef public object gen
+    cdef readonly object gen  # a worker serves one generation (a reload starts new workers)
+    # the generation's settings the data plane reads per request, copied into C fields
+    cdef Py_ssize_t max_connections, max_uri_bytes, max_header_bytes, max_headers, max_body_bytes
+    cdef Py_ssize_t keepalive_requests
+    cdef bint underscores_in_headers, tracing, latency_headers, consumer_label
+    cdef object router
     cdef public set connections
     cdef public bytes date
     cdef public bytes rid_prefix
@@ -121,6 +128,9 @@ cdef class WorkerState:
     cdef public object spans
 
     cpdef bytes new_request_id(self)
+
+
+cdef bytes _content_length(Py_ssize_t n)
 
 
 cdef class GatewayProtocol:

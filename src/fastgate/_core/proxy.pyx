@@ -27,9 +27,14 @@ import logging
 import re
 import socket
 from random import getrandbits, random
-from time import perf_counter, time, time_ns
+from time import time, time_ns
 
 import httptools
+
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdio cimport snprintf
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from .headers import ChunkedScanner, build_request_head, find_header, scan_request, scan_response_head
 from .router import normalize_path
@@ -67,6 +72,18 @@ UNMATCHED = "(unmatched)"  # the route label of requests no route took (404, 400
 TERMINAL_CHUNK = b"0\r\n\r\n"
 
 log = logging.getLogger("fastgate.protocol")
+
+
+cdef inline double perf_counter() noexcept:
+    """time.perf_counter() without the Python call (both read CLOCK_MONOTONIC on Linux)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef bytes _content_length(Py_ssize_t n):
+    cdef char buf[48]
+    return PyBytes_FromStringAndSize(buf, snprintf(buf, sizeof(buf), "Content-Length: %zd\r\n", n))
 
 
 class _Reject(Exception):
@@ -390,67 +407,33 @@ cdef inline _send(transport, head, body):
 
 
 # --- client side --------------------------------------------------------------------------------
+cdef inline _init_exchange(Exchange ex, GatewayProtocol proto):
+    # fields not set here start as None, 0 or False (tp_new); proxy.pxd says what each one holds
+    ex.proto = proto
+    ex.method = ex.request_id = ex.target_path = ex.resp_extra = ex.path = ex.query = ex.host = b""
+    ex.version = 11
+    ex.keep_alive = True
+    ex.content_length = -1
+    ex.out = []
+    ex.sent = []
+    ex.excluded = ex.up_add = ex.params = ()
+    ex.client_ip = proto.client_ip
+    ex.t_up = ex.t_head = -1.0
+
+
+cdef Exchange _new_exchange(GatewayProtocol proto):
+    """Exchange(proto) without the Python call (the data plane makes one per request)."""
+    cdef Exchange ex = Exchange.__new__(Exchange)
+    _init_exchange(ex, proto)
+    return ex
+
+
+@cython.freelist(64)
 cdef class Exchange:
     """One request/response. `local` is set for responses the gateway writes itself."""
 
-
     def __init__(self, GatewayProtocol proto):
-        self.proto = proto
-        self.binding = None
-        self.route = None
-        self.method = b""
-        self.version = 11
-        self.keep_alive = True
-        self.request_id = b""
-        self.headers = None
-        self.info = None
-        self.target_path = b""
-        self.upgrade = None
-        self.body_mode = 0
-        self.content_length = -1
-        self.head_request = False
-        self.req_done = False
-        self.out = []  # body frames not yet written upstream
-        self.sent = []  # frames written upstream, kept for a retry (None once past REPLAY_LIMIT)
-        self.sent_bytes = 0
-        self.body_bytes = 0
-        self.conn = None
-        self.target = None
-        self.attempt = 0
-        self.excluded = ()
-        self.responded = False
-        self.started = 0.0
-        self.last = 0.0
-        self.connecting = False
-        self.local = None
-        self.expect = False
-        self.status = 0
-        self.consumer = None  # set by an authentication policy
-        self.resp_extra = b""  # header lines policies add to the response
-        self.pending = None  # a policy's awaitable the exchange waits for
-        self.path = b""  # the normalised request path (no query)
-        self.query = b""  # the raw query string, without "?"
-        self.up_add = ()  # (name, value) header pairs policies add for the upstream
-        self.claims = None  # what authentication verified (JWT claims, introspection answer)
-        self.body_parts = None  # the body, buffered while body hooks wait for all of it
-        self.held = False  # started, but waiting for the whole body before proxying
-        self.scratch = None  # per-request state a policy keeps between its hooks
-        self.client_ip = proto.client_ip  # the peer, or who a trusted proxy says the client is
-        self.finished = False
-        self.trace = None  # the traceparent sent upstream (W3C trace context)
-        self.upstream_bytes = 0  # bytes the upstream sent for this exchange (access log)
-        self.up_drop = None  # lowercase request header names policies keep from the upstream
-        self.params = ()  # the route pattern's captured {params}, in order
-        self.host = b""  # the authority routed on: Host, or an absolute-form target's (RFC 9112 3.2.2)
-        self.group = None  # the UpstreamGroup proxied to: the route's, or its canary's
-        self.canary = None  # the route's Canary when this request went to the canary
-        self.span_parent = None  # OTLP export: the client's span id (hex), the parent of the gateway's span
-        self.cache_key = None  # the proxy-cache policy's note between its request and response hooks
-        self.capture = None  # upstream.Capture when a response hook needs the body (cache, transforms)
-        self.resp_drop = None  # lowercase names of upstream response headers response hooks remove
-        self.t0 = 0.0  # perf_counter() when the head was parsed; t_up: sent upstream; t_head: its answer
-        self.t_up = -1.0
-        self.t_head = -1.0
+        _init_exchange(self, proto)
 
     # --- for policies -----------------------------------------------------------------------------
     def header(self, bytes name):
@@ -491,6 +474,18 @@ cdef class WorkerState:
     def __init__(self, loop, gen, bytes date, bytes rid_prefix):
         self.loop = loop
         self.gen = gen
+        limits = gen.limits
+        self.max_connections = limits.max_connections
+        self.max_uri_bytes = limits.max_uri_bytes
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_headers = limits.max_headers
+        self.max_body_bytes = limits.max_body_bytes
+        self.keepalive_requests = limits.keepalive_requests
+        self.underscores_in_headers = limits.underscores_in_headers
+        self.tracing = gen.tracing
+        self.latency_headers = gen.latency_headers
+        self.consumer_label = gen.consumer_label
+        self.router = gen.router
         self.connections = set()
         self.date = date
         self.rid_prefix = rid_prefix
@@ -506,8 +501,11 @@ cdef class WorkerState:
         self.sampled = 0  # requests with policies; every SAMPLE_MASK+1-th has its hooks timed
 
     cpdef bytes new_request_id(self):
+        cdef char buf[96]
+        cdef int n
         self.rid_n += 1
-        return b"%s%016x" % (self.rid_prefix, self.rid_n)
+        n = snprintf(buf, sizeof(buf), "%.64s%016llx", <char*>self.rid_prefix, self.rid_n)
+        return PyBytes_FromStringAndSize(buf, n)
 
 
 cdef class GatewayProtocol:
@@ -544,7 +542,7 @@ cdef class GatewayProtocol:
     def connection_made(self, transport):
         self.transport = transport
         state = self._state
-        if len(state.connections) >= state.gen.limits.max_connections or state.draining:
+        if <Py_ssize_t>len(state.connections) >= state.max_connections or state.draining:
             state.stats["connections_refused"] += 1
             transport.abort()
             self._closed = True
@@ -625,8 +623,7 @@ cdef class GatewayProtocol:
         else:
             if self._phase == HEAD:
                 self._head_bytes += len(data)
-                limits = self._state.gen.limits
-                if self._head_bytes > limits.max_header_bytes + limits.max_uri_bytes:
+                if self._head_bytes > self._state.max_header_bytes + self._state.max_uri_bytes:
                     self._reject_parse(431, "headers_too_large", "")
         ex = self._starting
         if ex is not None:
@@ -641,29 +638,26 @@ cdef class GatewayProtocol:
     # --- parser callbacks (httptools) -------------------------------------------------------------
     def on_url(self, url):
         self._url += url
-        if len(self._url) > self._state.gen.limits.max_uri_bytes:
+        if len(self._url) > self._state.max_uri_bytes:
             self._reject(414, "uri_too_long")
 
     def on_header(self, name, value):
         if self._ex is not None:
             return  # a trailer field of a chunked body: never a header (of this or the next request)
-        if b"_" in name and not self._state.gen.limits.underscores_in_headers:
+        if b"_" in name and not self._state.underscores_in_headers:
             return  # like nginx: CGI-style servers would read X_Consumer_ID as X-Consumer-ID
         headers = self._headers
         headers.append((name, value))
         self._hbytes += len(name) + len(value) + 4
-        limits = self._state.gen.limits
-        if len(headers) > limits.max_headers:
+        if len(headers) > self._state.max_headers:
             self._reject(431, "too_many_headers")
-        if self._hbytes > limits.max_header_bytes:
+        if self._hbytes > self._state.max_header_bytes:
             self._reject(431, "headers_too_large")
 
     def on_headers_complete(self):
-        state = self._state
-        gen = state.gen
-        limits = gen.limits
+        cdef WorkerState state = self._state
+        cdef Exchange ex = _new_exchange(self)
         parser = self._parser
-        ex = Exchange(self)
         ex.t0 = perf_counter()
         self._ex = ex
         ex.method = method = parser.get_method()
@@ -684,7 +678,7 @@ cdef class GatewayProtocol:
         ex.info = info
         ex.request_id = info.request_id or state.new_request_id()
         self._requests += 1
-        if self._requests >= limits.keepalive_requests:
+        if self._requests >= state.keepalive_requests:
             ex.keep_alive = False
         if method == b"CONNECT":
             return self._reject(405, "method_not_allowed")
@@ -723,7 +717,7 @@ cdef class GatewayProtocol:
             return self._reject(400, "bad_request", "invalid path")
         ex.path = npath
         ex.query = query
-        if info.content_length > limits.max_body_bytes > 0:
+        if info.content_length > state.max_body_bytes > 0:
             return self._reject(413, "body_too_large")
         if ex.version == 10 and (info.chunked or find_header(headers, b"transfer-encoding") is not None):
             # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing
@@ -744,7 +738,7 @@ cdef class GatewayProtocol:
             ex.body_mode = 1
             ex.content_length = 0
         ex.head_request = method == b"HEAD"
-        found = gen.router.match(method, host, npath)
+        found = state.router.match(method, host, npath)
         if found is None:
             return self._no_route(ex, "no_route")
         binding, params = found
@@ -759,9 +753,9 @@ cdef class GatewayProtocol:
         ex.route = route
         ex.expect = info.expect_continue
         if route.mock is None:
-            target = binding.upstream_path(npath, params)
+            target = npath if binding.plain else binding.upstream_path(npath, params)
             ex.target_path = target + b"?" + query if query else target
-            if gen.tracing:
+            if state.tracing:
                 tp = find_header(headers, b"traceparent")
                 spans = state.spans
                 if tp is None or not _valid_traceparent(tp):
@@ -813,7 +807,7 @@ cdef class GatewayProtocol:
         n = len(body)
         ex.body_bytes += n
         self._since = self._state.now
-        limit = self._state.gen.limits.max_body_bytes
+        limit = self._state.max_body_bytes
         if limit and ex.body_bytes > limit:
             return self._reject(413, "body_too_large")
         if ex.local is not None or ex.upgrade is not None:
@@ -980,8 +974,10 @@ cdef class GatewayProtocol:
             status = ex.status or (int(ex.local[9:12]) if ex.local else 0)
             elapsed = perf_counter() - ex.t0
             upstream = ex.t_head - ex.t_up if ex.t_head >= 0 else -1.0
-            metrics.request(ex.route.stats if ex.route is not None else metrics.unmatched, status, elapsed, upstream)
-            if ex.consumer is not None and self._state.gen.consumer_label:
+            rs = <RouteStats>(ex.route.stats if ex.route is not None else metrics.unmatched)
+            if rs.record(status, elapsed, upstream):
+                metrics.dirty.append(rs)
+            if ex.consumer is not None and self._state.consumer_label:
                 self._count_consumer(ex, status)
             if ex.consumer is not None and self._state.usage is not None:
                 self._state.usage.record(ex.consumer, ex.route, status, elapsed)
@@ -1093,7 +1089,7 @@ cdef class GatewayProtocol:
             log.debug("rejecting request from %s: %s (%s)", self.client_ip, reason, detail)
         self._dead = True
         self._phase = WAIT
-        ex = self._ex or Exchange(self)
+        ex = self._ex or _new_exchange(self)
         self._ex = None
         if ex is self._current:
             if ex.responded:  # the response already started: nothing left but to cut the connection
@@ -1290,7 +1286,7 @@ cdef class GatewayProtocol:
         if held:
             pass  # framing is decided when the whole (transformed) body is known: response_done
         elif mode == 1 or (mode == 0 and rh.content_length >= 0):
-            parts.append(b"Content-Length: %d\r\n" % rh.content_length)
+            parts.append(_content_length(rh.content_length))
         elif mode == 2:
             if ex.version == 11:
                 parts += (b"Transfer-Encoding: ", rh.te, b"\r\n")
@@ -1304,7 +1300,7 @@ cdef class GatewayProtocol:
             parts.append(CLOSE)
         elif ex.version == 10:
             parts.append(KEEP_ALIVE)
-        if self._state.gen.latency_headers:
+        if self._state.latency_headers:
             now = perf_counter()
             parts.append(b"X-Upstream-Latency: %d\r\nX-Gateway-Latency: %d\r\n"
                          % (int((now - ex.t_up) * 1000), int((ex.t_up - ex.t0) * 1000)))

@@ -87,7 +87,7 @@ class CompiledRoute:
 class Binding:
     """The router's value for one (route, path pattern): how to build the upstream path."""
 
-    __slots__ = ("route", "names", "strip", "rewrite")
+    __slots__ = ("route", "names", "strip", "rewrite", "plain")
     switch = False  # a VersionSwitch stands in the router's place of a Binding: the protocol asks this
 
     def __init__(self, route: CompiledRoute, pattern: str, strip_path: bool, rewrite: str | None):
@@ -98,6 +98,7 @@ class Binding:
             static = pattern.split("{", 1)[0].split("*", 1)[0]
             self.strip = static.rstrip("/").encode()
         self.rewrite = _compile_template(rewrite, self.names) if rewrite else None
+        self.plain = self.rewrite is None and not self.strip  # the upstream path is the request's
 
     def upstream_path(self, path: bytes, params: tuple) -> bytes:
         if self.rewrite is not None:
