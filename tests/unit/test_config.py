@@ -59,6 +59,19 @@ def test_every_error_is_reported_with_its_path():
     assert len(found) >= 7
 
 
+def test_huge_counts_are_config_errors_not_crashes():
+    """Counts and sizes reach C integers in the data plane: past 2**53-1 they are errors with a path."""
+    doc = {"limits": {"max_body_bytes": 2**70},
+           "upstreams": [{"name": "u", "targets": [{"address": "127.0.0.1:9"}], "pool": {"max_requests": 2**64}}],
+           "routes": [{"name": "r", "paths": ["/"], "upstream": "u", "priority": -(2**63)}]}
+    found = issues_of(doc)
+    assert {"$.limits.max_body_bytes", "$.upstreams[0].pool.max_requests", "$.routes[0].priority"} <= set(found)
+    doc["limits"]["max_body_bytes"] = doc["upstreams"][0]["pool"]["max_requests"] = 2**53 - 1
+    doc["routes"][0]["priority"] = 0
+    cfg = load_config(doc)
+    assert cfg.upstreams[0].pool.max_requests == 2**53 - 1
+
+
 def test_unknown_field_hint_suggests_the_close_name():
     with pytest.raises(ConfigError) as ei:
         load_config({"routes": [{"name": "a", "path": ["/x"], "mock": {}}]})
