@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -25,10 +26,14 @@ async def test_traceparent_is_forwarded_when_valid_and_generated_otherwise(loop)
         url = f"http://127.0.0.1:{gw.port}/x"
         await c.get(url, headers={"traceparent": TP})
         assert up.requests[-1].header("traceparent") == TP
-        await c.get(url)
-        made = up.requests[-1].header("traceparent")
-        parts = made.split("-")
-        assert len(made) == 55 and parts[0] == "00" and int(parts[1], 16) and int(parts[2], 16)
+        made = []
+        for _ in range(20):
+            await c.get(url)
+            made.append(up.requests[-1].header("traceparent"))
+        for tp in made:  # lowercase hex, ids not all zero, sampled
+            assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", tp), tp
+            assert int(tp[3:35], 16) and int(tp[36:52], 16)
+        assert len({tp[3:35] for tp in made}) == len({tp[36:52] for tp in made}) == 20  # all new ids
         for bad in ["00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # all-zero trace id
                     "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # all-zero parent id
                     "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff

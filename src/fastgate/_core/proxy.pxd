@@ -1,3 +1,5 @@
+from libc.stdint cimport uint64_t
+
 from .stats cimport RouteStats
 
 # The data plane's per-connection objects as cdef classes: one field access is a C struct read,
@@ -126,6 +128,7 @@ cdef class WorkerState:
     cdef public object access_log
     cdef public object usage
     cdef public object spans
+    cdef uint64_t rng0, rng1  # xorshift128+ for trace and span ids, seeded per worker from os.urandom
 
     cpdef bytes new_request_id(self)
 

@@ -26,14 +26,17 @@ import collections
 import logging
 import re
 import socket
-from random import getrandbits, random
+import os
+from random import random
 from time import time, time_ns
 
 import httptools
 
 cimport cython
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdio cimport snprintf
+from libc.stdint cimport uint64_t
+from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from .headers import ChunkedScanner, build_request_head, find_header, scan_request, scan_response_head
@@ -79,6 +82,47 @@ cdef inline double perf_counter() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef const char* HEX = b"0123456789abcdef"
+
+
+cdef inline uint64_t _random64(WorkerState st) noexcept:
+    """xorshift128+: trace and span ids need to be unique and unpredictable enough, not secret
+    (W3C trace context 4.2.2); each worker seeds its own state from os.urandom after the fork."""
+    cdef uint64_t s1 = st.rng0
+    cdef uint64_t s0 = st.rng1
+    st.rng0 = s0
+    s1 ^= s1 << 23
+    st.rng1 = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26)
+    return st.rng1 + s0
+
+
+cdef inline void _hex16(char* out, uint64_t v) noexcept:
+    cdef int i
+    for i in range(15, -1, -1):
+        out[i] = HEX[v & 15]
+        v >>= 4
+
+
+cdef bytes _new_traceparent(WorkerState st, bint sampled):
+    """00-<trace id>-<parent id>-<flags>, both ids random and never all zero."""
+    cdef bytes tp = PyBytes_FromStringAndSize(NULL, 55)
+    cdef char* p = PyBytes_AS_STRING(tp)
+    memcpy(p, b"00-", 3)
+    _hex16(p + 3, _random64(st))
+    _hex16(p + 19, _random64(st) | 1)
+    p[35] = b"-"
+    _hex16(p + 36, _random64(st) | 1)
+    memcpy(p + 52, b"-01" if sampled else b"-00", 3)
+    return tp
+
+
+cdef bytes _child_traceparent(WorkerState st, bytes parent):
+    """The client's valid traceparent with the gateway's own span id as the parent id."""
+    cdef bytes tp = PyBytes_FromStringAndSize(PyBytes_AS_STRING(parent), len(parent))
+    _hex16(PyBytes_AS_STRING(tp) + 36, _random64(st) | 1)
+    return tp
 
 
 cdef bytes _content_length(Py_ssize_t n):
@@ -486,6 +530,9 @@ cdef class WorkerState:
         self.latency_headers = gen.latency_headers
         self.consumer_label = gen.consumer_label
         self.router = gen.router
+        seed = os.urandom(16)
+        self.rng0 = int.from_bytes(seed[:8], "little") | 1  # xorshift needs a state that is not all zero
+        self.rng1 = int.from_bytes(seed[8:], "little")
         self.connections = set()
         self.date = date
         self.rid_prefix = rid_prefix
@@ -641,10 +688,11 @@ cdef class GatewayProtocol:
         if len(self._url) > self._state.max_uri_bytes:
             self._reject(414, "uri_too_long")
 
-    def on_header(self, name, value):
+    def on_header(self, bytes name, bytes value):
         if self._ex is not None:
             return  # a trailer field of a chunked body: never a header (of this or the next request)
-        if b"_" in name and not self._state.underscores_in_headers:
+        # (memchr: on 3.11 `b"_" in name` first tries b"_" as an int and raises and clears a TypeError)
+        if memchr(<const char*>name, 95, len(name)) != NULL and not self._state.underscores_in_headers:
             return  # like nginx: CGI-style servers would read X_Consumer_ID as X-Consumer-ID
         headers = self._headers
         headers.append((name, value))
@@ -760,11 +808,10 @@ cdef class GatewayProtocol:
                 spans = state.spans
                 if tp is None or not _valid_traceparent(tp):
                     sampled = spans is None or spans.sample >= 1.0 or random() < spans.sample
-                    tp = b"00-%032x-%016x-%s" % (getrandbits(128) | 1, getrandbits(64) | 1,
-                                                 b"01" if sampled else b"00")
+                    tp = _new_traceparent(state, sampled)
                 elif spans is not None:  # the gateway's own span, a child of the client's
                     ex.span_parent = tp[36:52]
-                    tp = b"%s%016x%s" % (tp[:36], getrandbits(64) | 1, tp[52:])
+                    tp = _child_traceparent(state, tp)
                 ex.trace = tp
                 ex.up_add = ((b"traceparent", tp),)
         chain = route.chain

@@ -6,9 +6,10 @@ cdef enum:
 
 cdef class RouteStats:
     cdef readonly str name
-    cdef long long _classes[6]  # index = status // 100 (0: outside 100..599)
-    cdef long long _lat[NB]
-    cdef long long _ulat[NB]
+    # 32 bits: the counts start from zero at every flush (each tick), and 10,000 routes' stats stay small
+    cdef unsigned int _classes[6]  # index = status // 100 (0: outside 100..599)
+    cdef unsigned int _lat[NB]
+    cdef unsigned int _ulat[NB]
     cdef public double lat_sum
     cdef public double ulat_sum
     cdef public bint dirty
