@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import orjson
@@ -33,6 +34,17 @@ async def test_valid_client_request_id_is_kept_and_invalid_replaced(loop):
         assert r1.headers["x-request-id"] == "abc-123"
         assert up.requests[1].header("x-request-id") not in ("bad id\t!", None)
         assert r2.headers["x-request-id"] == up.requests[1].header("x-request-id")
+
+
+async def test_generated_request_ids_are_the_workers_prefix_and_a_counter(loop):
+    async with Upstream(lambda r: reply(200, b"x" * 1234)) as up, gateway(simple_config(up)) as gw:
+        async with httpx.AsyncClient() as c:
+            rs = [await c.get(f"http://127.0.0.1:{gw.port}/") for _ in range(3)]
+    ids = [r.headers["x-request-id"] for r in rs]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids), ids
+    assert len({i[:16] for i in ids}) == 1  # one worker, one prefix
+    assert [int(i[16:], 16) for i in ids] == [int(ids[0][16:], 16) + k for k in range(3)]
+    assert all(r.headers["content-length"] == "1234" and len(r.content) == 1234 for r in rs)
 
 
 async def test_keep_alive_reuses_one_upstream_connection(loop):

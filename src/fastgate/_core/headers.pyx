@@ -275,14 +275,7 @@ cdef int _w_checked(Writer* w, bytes b, str what) except -1:
 # --- requests ----------------------------------------------------------------------------------
 @cython.freelist(64)
 cdef class RequestInfo:
-    cdef readonly object host
-    cdef readonly int64_t content_length
-    cdef readonly bint chunked
-    cdef readonly bint expect_continue
-    cdef readonly bint expect_other
-    cdef readonly object upgrade
-    cdef readonly object request_id
-    cdef readonly bint connection_close
+    """What scan_request found (fields declared in headers.pxd)."""
 
 
 def scan_request(list headers not None):
@@ -512,14 +505,7 @@ def build_request_head(bytes method, bytes target, list headers, bytes host, byt
 
 # --- responses ---------------------------------------------------------------------------------
 cdef class ResponseHead:
-    cdef readonly int status
-    cdef readonly int version
-    cdef readonly bytes head
-    cdef readonly Py_ssize_t end
-    cdef readonly int body_mode
-    cdef readonly int64_t content_length
-    cdef readonly bint keep_alive
-    cdef readonly object te
+    """A scanned upstream response head (fields declared in headers.pxd)."""
 
 
 cdef struct Line:

@@ -1,5 +1,6 @@
 from libc.stdint cimport uint64_t
 
+from .headers cimport RequestInfo, ResponseHead
 from .stats cimport RouteStats
 
 # The data plane's per-connection objects as cdef classes: one field access is a C struct read,
@@ -189,11 +190,11 @@ cdef class GatewayProtocol:
     cdef _count_consumer(self, Exchange ex, int status)
     cpdef pause_client_reading(self, int reason)
     cpdef resume_client_reading(self, int reason)
-    cdef informational(self, Exchange ex, object rh)
-    cdef bytes response_head(self, Exchange ex, UpstreamProtocol conn, object rh)
+    cdef informational(self, Exchange ex, ResponseHead rh)
+    cdef bytes response_head(self, Exchange ex, UpstreamProtocol conn, ResponseHead rh)
     cdef response_done(self, Exchange ex, UpstreamProtocol conn, bint reusable)
     cdef _captured(self, Exchange ex)
     cdef upstream_failed(self, Exchange ex, UpstreamProtocol conn, object exc)
     cdef abort_response(self, Exchange ex, UpstreamProtocol conn, object exc)
-    cdef start_tunnel(self, Exchange ex, object rh, object rest)
+    cdef start_tunnel(self, Exchange ex, ResponseHead rh, object rest)
     cdef tunnel_closed(self)

@@ -34,7 +34,6 @@ import httptools
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.stdio cimport snprintf
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -126,8 +125,23 @@ cdef bytes _child_traceparent(WorkerState st, bytes parent):
 
 
 cdef bytes _content_length(Py_ssize_t n):
+    """b"Content-Length: %d\\r\\n" % n for n >= 0, without printf."""
     cdef char buf[48]
-    return PyBytes_FromStringAndSize(buf, snprintf(buf, sizeof(buf), "Content-Length: %zd\r\n", n))
+    cdef char digits[24]
+    cdef int k = 0
+    cdef size_t u = <size_t>n
+    while True:
+        digits[k] = <char>(48 + u % 10)
+        k += 1
+        u //= 10
+        if u == 0:
+            break
+    memcpy(buf, b"Content-Length: ", 16)
+    for i in range(k):
+        buf[16 + i] = digits[k - 1 - i]
+    buf[16 + k] = 13
+    buf[17 + k] = 10
+    return PyBytes_FromStringAndSize(buf, 18 + k)
 
 
 class _Reject(Exception):
@@ -266,6 +280,7 @@ cdef class UpstreamProtocol:
 
     # --- response reading -------------------------------------------------------------------------
     cdef _head(self, Exchange ex, object data, Py_ssize_t start):
+        cdef ResponseHead rh
         while True:
             try:
                 rh = scan_response_head(data, start, ex.head_request, MAX_RESPONSE_HEAD)
@@ -548,11 +563,14 @@ cdef class WorkerState:
         self.sampled = 0  # requests with policies; every SAMPLE_MASK+1-th has its hooks timed
 
     cpdef bytes new_request_id(self):
-        cdef char buf[96]
-        cdef int n
+        """The worker's random prefix and a 16-hex-digit counter."""
+        cdef Py_ssize_t n = len(self.rid_prefix)
+        cdef bytes rid = PyBytes_FromStringAndSize(NULL, n + 16)
+        cdef char* p = PyBytes_AS_STRING(rid)
         self.rid_n += 1
-        n = snprintf(buf, sizeof(buf), "%.64s%016llx", <char*>self.rid_prefix, self.rid_n)
-        return PyBytes_FromStringAndSize(buf, n)
+        memcpy(p, PyBytes_AS_STRING(self.rid_prefix), n)
+        _hex16(p + n, self.rid_n)
+        return rid
 
 
 cdef class GatewayProtocol:
@@ -719,6 +737,7 @@ cdef class GatewayProtocol:
         ex.keep_alive = parser.should_keep_alive() and not state.draining
         headers = self._headers
         ex.headers = headers
+        cdef RequestInfo info
         try:
             info = scan_request(headers)
         except ValueError as exc:
@@ -1313,11 +1332,11 @@ cdef class GatewayProtocol:
         self.transport.abort()
 
     # --- called by UpstreamProtocol ---------------------------------------------------------------
-    cdef informational(self, Exchange ex, object rh):
+    cdef informational(self, Exchange ex, ResponseHead rh):
         if rh.status != 100 and ex.version == 11:
             self.transport.write(rh.head + b"\r\n")
 
-    cdef bytes response_head(self, Exchange ex, UpstreamProtocol conn, object rh):
+    cdef bytes response_head(self, Exchange ex, UpstreamProtocol conn, ResponseHead rh):
         """The head to send the client (the caller writes it, with the first body bytes)."""
         ex.status = rh.status
         ex.t_head = perf_counter()
@@ -1448,7 +1467,7 @@ cdef class GatewayProtocol:
         self._tunnel_buf = bytearray(data[offset:])
         ex.out = []
 
-    cdef start_tunnel(self, Exchange ex, object rh, object rest):
+    cdef start_tunnel(self, Exchange ex, ResponseHead rh, object rest):
         conn = ex.conn
         ex.responded = True
         self.transport.write(rh.head + b"Connection: upgrade\r\n\r\n" + rest)

@@ -1,0 +1,24 @@
+# what the data plane (proxy.pyx) reads from the header scans, as C fields
+from libc.stdint cimport int64_t
+
+
+cdef class RequestInfo:
+    cdef readonly object host
+    cdef readonly int64_t content_length
+    cdef readonly bint chunked
+    cdef readonly bint expect_continue
+    cdef readonly bint expect_other
+    cdef readonly object upgrade
+    cdef readonly object request_id
+    cdef readonly bint connection_close
+
+
+cdef class ResponseHead:
+    cdef readonly int status
+    cdef readonly int version
+    cdef readonly bytes head
+    cdef readonly Py_ssize_t end
+    cdef readonly int body_mode
+    cdef readonly int64_t content_length
+    cdef readonly bint keep_alive
+    cdef readonly object te
