@@ -194,6 +194,25 @@ class Supervisor:
         self.control: Child | None = None  # the control process (admin API), not counted as a worker
         self._control_at = 0.0
         self._control_quick_deaths = 0
+        self.events = None  # store.backend redis: restarts and reloads also go to the cluster's series
+
+    def _host_events(self, cfg: Config) -> None:
+        """With store.backend redis, this host's worker restarts and reloads go to the cluster's
+        time series through Redis (the control node's dashboard shows every node's)."""
+        if getattr(cfg.store, "backend", "sqlite") != "redis":
+            if self.events is not None:
+                self.events.flush()
+            self.events = None
+            return
+        from .control.directory import store_redis_url
+        from .control.usage_redis import HostEventSender
+
+        where = (store_redis_url(cfg), cfg.store.key_prefix)
+        if self.events is None or self.events.where != where:
+            old = self.events
+            self.events = HostEventSender(*where)
+            if old is not None:  # what the old one still holds goes out through the new one
+                self.events.unsent, self.events.pending = old.unsent, old.pending
 
     # --- sockets ----------------------------------------------------------------------------------
     def _proxy_sockets(self, cfg: Config):
@@ -350,6 +369,7 @@ class Supervisor:
         _import_plugins(self.cfg)
         self.table = SharedTable(self.cfg.counters.capacity)
         self.metrics_table = HostMetrics(self.cfg)
+        self._host_events(self.cfg)
         if self.pid_file:
             with open(self.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
@@ -361,6 +381,8 @@ class Supervisor:
                 self._dispatch()
                 self._reap()
                 self._keep_alive()
+                if self.events is not None:
+                    self.events.flush()  # one short blocking call, only when an event is pending
         finally:
             if self.pid_file:
                 try:
@@ -417,6 +439,8 @@ class Supervisor:
             else:
                 log.error("worker %d died unexpectedly (%d)", pid, code)
                 self.metrics_table.table.add(b"sup|restarts", 1)
+                if self.events is not None:
+                    self.events.add("restarts")
                 now = time.monotonic()
                 if now - child.started < 2.0:
                     self._crashes = [t for t in self._crashes if now - t < 60] + [now]
@@ -516,6 +540,9 @@ class Supervisor:
         self.cfg = cfg
         self.generation += 1
         self.metrics_table.table.add(b"sup|reloads", 1)
+        self._host_events(cfg)
+        if self.events is not None:
+            self.events.add("reloads")
         from .policies import load_builders
 
         load_builders(cfg)  # a policy type new in this config: imported here, before the fork

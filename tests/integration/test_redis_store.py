@@ -173,3 +173,61 @@ def test_dashboard_series_count_every_node(cluster):
     time.sleep(3)  # more drains and snapshots: nothing counted twice
     got = billed()
     assert got["requests"] == 56 and got["status"]["2xx"] == 55 and got["status"]["4xx"] == 1
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_dashboard_counts_every_nodes_restarts_and_reloads(cluster):
+    """Worker restarts and reloads of a node without the control process reach the dashboard
+    through Redis (the supervisor's HostEventSender), counted once."""
+    _redis, a, b = cluster
+
+    def summary() -> dict:
+        return a.admin.get("/analytics/summary", params={"window": "1h"}).json()
+
+    before = summary()
+    os.kill(_children(b.proc.pid)[0], signal.SIGKILL)  # node b has no control process: a worker
+    # (a reload at the same moment would reap the killed worker as one of the old generation's)
+    wait_for(lambda: summary()["worker_restarts"] - before["worker_restarts"] == 1, 30, "node b's restart")
+    b.proc.send_signal(signal.SIGHUP)
+    a.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: summary()["reloads"] - before["reloads"] == 2, 30, "both nodes' reloads")
+    time.sleep(3)  # more drains and snapshots: nothing counted twice
+    after = summary()
+    assert after["worker_restarts"] - before["worker_restarts"] == 1
+    assert after["reloads"] - before["reloads"] == 2
+    assert b.every_worker("no-such-key", 401)  # node b serves on, with its restarted worker
+
+
+def test_host_events_wait_for_redis_and_are_applied_once(tmp_path):
+    """The supervisor's sender never raises or blocks long while Redis is down; what it kept is
+    applied once when Redis is back, and the drainer puts it in the store's series."""
+    import sqlite3
+
+    from fastgate.control.analytics import HOST_ROW
+    from fastgate.control.store import Store
+    from fastgate.control.usage_redis import HostEventSender, UsageDrainer
+
+    with RedisServer() as redis:
+        sender = HostEventSender(redis.url, "t2:", retry=0.0)
+        redis.stop()
+        sender.add("restarts")
+        sender.add("restarts")
+        sender.add("reloads")
+        t = time.monotonic()
+        sender.flush()
+        assert time.monotonic() - t < 2 and len(sender.unsent) == 1 and not sender.pending
+        redis.start()
+        sender.flush()
+        sender.flush()  # nothing left: nothing sent twice
+        assert not sender.unsent
+        db = tmp_path / "s.db"
+        Store(str(db)).close()
+        conn = sqlite3.connect(db, isolation_level=None)
+        assert UsageDrainer(str(db), redis.url, "t2:").drain_once(conn) == 1
+        row = conn.execute("SELECT SUM(restarts), SUM(reloads) FROM metric_series WHERE res = 10 AND route = ?",
+                           (HOST_ROW,)).fetchone()
+        assert row == (2, 1)

@@ -186,8 +186,7 @@ class Analytics:
     def __init__(self, path: str, host, cfg, supervisor_pid: int | None):
         self.host = host
         self.cfg = cfg
-        # store.backend redis: the routes' series come from every node through Redis (usage_redis.py);
-        # this process snapshots only its host's supervisor events (restarts, reloads)
+        # store.backend redis: the series come from every node through Redis (usage_redis.py)
         self.remote_series = getattr(getattr(cfg, "store", None), "backend", "sqlite") == "redis"
         self.supervisor = supervisor_pid or 0
         self.lock = threading.Lock()
@@ -222,8 +221,9 @@ class Analytics:
                 log.exception("analytics snapshot failed")
 
     def _host_values(self) -> dict[str, list[int]]:
-        vals = read_host(self.host, self.cfg)
-        return {HOST_ROW: vals[HOST_ROW]} if self.remote_series else vals
+        # store.backend redis: every node's routes and supervisor events (restarts, reloads) come
+        # through Redis (the workers' RedisSeriesRecorder, the supervisors' HostEventSender)
+        return {} if self.remote_series else read_host(self.host, self.cfg)
 
     def _deltas(self, now_vals: dict[str, list[int]]) -> dict[str, list[int]]:
         out = {}

@@ -207,6 +207,57 @@ class RedisSeriesRecorder(_CountsSender):
         return args
 
 
+class HostEventSender:
+    """The supervisor's events (worker restarts, reloads) as time-series counts in Redis, so the
+    dashboard counts every node's and not only the control node's. The supervisor has no event
+    loop: `flush` is one blocking EVAL with a short timeout, called from its select loop when
+    something is pending; batches keep their id until Redis answers (applied once, as above)."""
+
+    def __init__(self, url: str, prefix: str, timeout: float = 0.25, retry: float = 5.0):
+        self.where = (url, prefix)
+        self.url = RedisURL(url)
+        self.k = keys(prefix, "series")
+        self.timeout = timeout
+        self.retry = retry  # seconds between tries while Redis does not answer
+        self.pending: dict[tuple[int, str], int] = {}
+        self.unsent: list[tuple[str, list]] = []
+        self._next = 0.0
+        self._warned = False
+
+    def add(self, col: str, n: int = 1) -> None:
+        from .analytics import HOST_ROW
+
+        key = (int(time.time()) // SLOT, HOST_ROW + SEP + col)
+        self.pending[key] = self.pending.get(key, 0) + n
+
+    def flush(self, now: float | None = None) -> None:
+        """Send what is pending; never raises, keeps it on failure."""
+        now = time.monotonic() if now is None else now
+        if self.pending:
+            args: list = []
+            for (slot, field), n in self.pending.items():
+                args += [str(slot), field, n]
+            self.unsent.append((uuid.uuid4().hex, args))
+            self.pending = {}
+        if not self.unsent or now < self._next:
+            return
+        try:
+            r = SyncRedis(self.url, self.timeout)
+            try:
+                while self.unsent:
+                    batch_id, args = self.unsent[0]
+                    r.call("EVAL", APPLY, 3, self.k["batch"] + batch_id, self.k["hour"], self.k["hours"], *args)
+                    self.unsent.pop(0)
+            finally:
+                r.close()
+            self._warned = False
+        except (OSError, ConnectionError) as exc:
+            self._next = now + self.retry
+            if not self._warned:
+                log.warning("host events: Redis %s: %s (kept, sent again)", self.url, exc)
+                self._warned = True
+
+
 class UsageDrainer:
     """In the control process: moves the counts from Redis into the store — the usage ledger's
     and the time series' (`series`: only when `series` is True)."""
