@@ -201,7 +201,7 @@ class Supervisor:
         time series through Redis (the control node's dashboard shows every node's)."""
         if getattr(cfg.store, "backend", "sqlite") != "redis":
             if self.events is not None:
-                self.events.flush()
+                self.events.close()
             self.events = None
             return
         from .control.directory import store_redis_url
@@ -212,7 +212,10 @@ class Supervisor:
             old = self.events
             self.events = HostEventSender(*where)
             if old is not None:  # what the old one still holds goes out through the new one
-                self.events.unsent, self.events.pending = old.unsent, old.pending
+                old.background = False
+                with old._lock:
+                    self.events.unsent, self.events.pending = old.unsent, old.pending
+                    old.unsent, old.pending = [], {}
 
     # --- sockets ----------------------------------------------------------------------------------
     def _proxy_sockets(self, cfg: Config):
@@ -381,9 +384,9 @@ class Supervisor:
                 self._dispatch()
                 self._reap()
                 self._keep_alive()
-                if self.events is not None:
-                    self.events.flush()  # one short blocking call, only when an event is pending
         finally:
+            if self.events is not None:
+                self.events.close()
             if self.pid_file:
                 try:
                     os.unlink(self.pid_file)

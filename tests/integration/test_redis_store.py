@@ -212,7 +212,7 @@ def test_host_events_wait_for_redis_and_are_applied_once(tmp_path):
     from fastgate.control.usage_redis import HostEventSender, UsageDrainer
 
     with RedisServer() as redis:
-        sender = HostEventSender(redis.url, "t2:", retry=0.0)
+        sender = HostEventSender(redis.url, "t2:", retry=0.0, background=False)
         redis.stop()
         sender.add("restarts")
         sender.add("restarts")
@@ -231,3 +231,41 @@ def test_host_events_wait_for_redis_and_are_applied_once(tmp_path):
         row = conn.execute("SELECT SUM(restarts), SUM(reloads) FROM metric_series WHERE res = 10 AND route = ?",
                            (HOST_ROW,)).fetchone()
         assert row == (2, 1)
+
+
+
+def test_host_events_survive_a_peer_that_is_not_redis():
+    """A redis_url pointing at something else: garbage replies are logged and kept, never raised
+    into the supervisor."""
+    import socket
+    import threading
+
+    from fastgate.control.usage_redis import HostEventSender
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        sender = HostEventSender(f"redis://127.0.0.1:{srv.getsockname()[1]}", "t3:", retry=0.0, background=False)
+        sender.add("reloads")
+        sender.flush()
+        sender.flush()
+        assert len(sender.unsent) == 1  # kept for when the URL points at a Redis
+    finally:
+        stop.set()
+        t.join(2)
+        srv.close()

@@ -61,12 +61,14 @@ def test_every_error_is_reported_with_its_path():
 
 def test_huge_counts_are_config_errors_not_crashes():
     """Counts and sizes reach C integers in the data plane: past 2**53-1 they are errors with a path."""
-    doc = {"limits": {"max_body_bytes": 2**70},
+    doc = {"limits": {"max_body_bytes": 2**70, "max_uri_bytes": 2**63, "max_header_bytes": 2**64},
            "upstreams": [{"name": "u", "targets": [{"address": "127.0.0.1:9"}], "pool": {"max_requests": 2**64}}],
            "routes": [{"name": "r", "paths": ["/"], "upstream": "u", "priority": -(2**63)}]}
     found = issues_of(doc)
-    assert {"$.limits.max_body_bytes", "$.upstreams[0].pool.max_requests", "$.routes[0].priority"} <= set(found)
-    doc["limits"]["max_body_bytes"] = doc["upstreams"][0]["pool"]["max_requests"] = 2**53 - 1
+    assert {"$.limits.max_body_bytes", "$.limits.max_uri_bytes", "$.limits.max_header_bytes",
+            "$.upstreams[0].pool.max_requests", "$.routes[0].priority"} <= set(found)
+    doc["limits"] = {"max_body_bytes": 2**53 - 1, "max_uri_bytes": 2**53 - 1, "max_header_bytes": 2**53 - 1}
+    doc["upstreams"][0]["pool"]["max_requests"] = 2**53 - 1
     doc["routes"][0]["priority"] = 0
     cfg = load_config(doc)
     assert cfg.upstreams[0].pool.max_requests == 2**53 - 1

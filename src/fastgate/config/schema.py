@@ -47,8 +47,8 @@ def default_listeners() -> list[Listener]:
 
 # --- limits ----------------------------------------------------------------------------------------
 class Limits(Base):
-    max_uri_bytes: Annotated[int, Meta(ge=64)] = 8192  # nginx large_client_header_buffers: 8k per line
-    max_header_bytes: Annotated[int, Meta(ge=256)] = 32768  # nginx: 4 x 8k buffers
+    max_uri_bytes: Annotated[int, Meta(ge=64, le=MAX_INT)] = 8192  # nginx large_client_header_buffers: 8k per line
+    max_header_bytes: Annotated[int, Meta(ge=256, le=MAX_INT)] = 32768  # nginx: 4 x 8k buffers
     max_headers: Annotated[int, Meta(ge=1, le=10000)] = 100  # Envoy max_headers_count
     underscores_in_headers: bool = False  # nginx's default: header names with "_" are dropped
     max_body_bytes: Bytes = 1048576  # nginx client_max_body_size 1m; 0 = unlimited

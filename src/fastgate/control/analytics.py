@@ -221,9 +221,7 @@ class Analytics:
                 log.exception("analytics snapshot failed")
 
     def _host_values(self) -> dict[str, list[int]]:
-        # store.backend redis: every node's routes and supervisor events (restarts, reloads) come
-        # through Redis (the workers' RedisSeriesRecorder, the supervisors' HostEventSender)
-        return {} if self.remote_series else read_host(self.host, self.cfg)
+        return read_host(self.host, self.cfg)
 
     def _deltas(self, now_vals: dict[str, list[int]]) -> dict[str, list[int]]:
         out = {}
@@ -241,7 +239,11 @@ class Analytics:
         t = int(at if at is not None else time.time())
         with self.lock:
             vals = self._host_values()
-            deltas = self._deltas(vals)
+            # store.backend redis: every node's routes and supervisor events (restarts, reloads)
+            # come through Redis (the workers' RedisSeriesRecorder, the supervisors'
+            # HostEventSender); the cursor still follows this host's values, so a later switch
+            # back to sqlite does not write what already went through Redis again
+            deltas = {} if self.remote_series else self._deltas(vals)
             cols = ", ".join(SERIES_COLS)
             marks = ", ".join("?" for _ in SERIES_COLS)
             adds = ", ".join(f"{c} = {c} + excluded.{c}" for c in SERIES_COLS)
@@ -295,7 +297,7 @@ class Analytics:
             rows = self.conn.execute(
                 f"SELECT ts, route, {', '.join(SERIES_COLS)} FROM metric_series WHERE res = ? AND ts >= ? "
                 "ORDER BY ts", (res, since - since % res)).fetchall()
-            live = self._deltas(self._host_values()) if self.host is not None else {}
+            live = self._deltas(self._host_values()) if self.host is not None and not self.remote_series else {}
             top_consumers = self.conn.execute(
                 "SELECT consumer, SUM(requests), SUM(errors) FROM usage WHERE hour >= ? GROUP BY consumer "
                 "ORDER BY SUM(requests) DESC, consumer LIMIT 10", (since // 3600,)).fetchall()

@@ -209,18 +209,26 @@ class RedisSeriesRecorder(_CountsSender):
 
 class HostEventSender:
     """The supervisor's events (worker restarts, reloads) as time-series counts in Redis, so the
-    dashboard counts every node's and not only the control node's. The supervisor has no event
-    loop: `flush` is one blocking EVAL with a short timeout, called from its select loop when
-    something is pending; batches keep their id until Redis answers (applied once, as above)."""
+    dashboard counts every node's and not only the control node's. Batches keep their id until
+    Redis answers (applied once, as above). The supervisor's select loop only calls `add`: a
+    thread of this sender does the sending (`background`), so a slow DNS lookup or an unreachable
+    Redis never holds up reaping, respawning or signals; while Redis does not answer it tries
+    again every `retry` seconds."""
 
-    def __init__(self, url: str, prefix: str, timeout: float = 0.25, retry: float = 5.0):
+    def __init__(self, url: str, prefix: str, timeout: float = 0.25, retry: float = 5.0,
+                 background: bool = True):
         self.where = (url, prefix)
         self.url = RedisURL(url)
         self.k = keys(prefix, "series")
         self.timeout = timeout
-        self.retry = retry  # seconds between tries while Redis does not answer
+        self.retry = retry
+        self.background = background
         self.pending: dict[tuple[int, str], int] = {}
         self.unsent: list[tuple[str, list]] = []
+        self._lock = threading.Lock()  # pending: added to by the supervisor, taken by the sender
+        self._send_lock = threading.Lock()  # one sender at a time (the thread, or close)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
         self._next = 0.0
         self._warned = False
 
@@ -228,34 +236,56 @@ class HostEventSender:
         from .analytics import HOST_ROW
 
         key = (int(time.time()) // SLOT, HOST_ROW + SEP + col)
-        self.pending[key] = self.pending.get(key, 0) + n
+        with self._lock:
+            self.pending[key] = self.pending.get(key, 0) + n
+        if self.background:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="host-events", daemon=True)
+                self._thread.start()
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.retry)
+            self._wake.clear()
+            self.flush()
 
     def flush(self, now: float | None = None) -> None:
         """Send what is pending; never raises, keeps it on failure."""
-        now = time.monotonic() if now is None else now
-        if self.pending:
-            args: list = []
-            for (slot, field), n in self.pending.items():
-                args += [str(slot), field, n]
-            self.unsent.append((uuid.uuid4().hex, args))
-            self.pending = {}
-        if not self.unsent or now < self._next:
-            return
-        try:
-            r = SyncRedis(self.url, self.timeout)
+        with self._send_lock:
+            now = time.monotonic() if now is None else now
+            with self._lock:
+                pending, self.pending = self.pending, {}
+            if pending:
+                args: list = []
+                for (slot, field), n in pending.items():
+                    args += [str(slot), field, n]
+                self.unsent.append((uuid.uuid4().hex, args))
+            if not self.unsent or now < self._next:
+                return
             try:
-                while self.unsent:
-                    batch_id, args = self.unsent[0]
-                    r.call("EVAL", APPLY, 3, self.k["batch"] + batch_id, self.k["hour"], self.k["hours"], *args)
-                    self.unsent.pop(0)
-            finally:
-                r.close()
-            self._warned = False
-        except (OSError, ConnectionError) as exc:
-            self._next = now + self.retry
-            if not self._warned:
-                log.warning("host events: Redis %s: %s (kept, sent again)", self.url, exc)
-                self._warned = True
+                r = SyncRedis(self.url, self.timeout)
+                try:
+                    while self.unsent:
+                        batch_id, args = self.unsent[0]
+                        r.call("EVAL", APPLY, 3, self.k["batch"] + batch_id, self.k["hour"], self.k["hours"], *args)
+                        self.unsent.pop(0)
+                finally:
+                    r.close()
+                self._warned = False
+            except Exception as exc:  # noqa: BLE001 - unreachable, not Redis, a bad name: keep, try later
+                self._next = now + self.retry
+                if not self._warned:
+                    log.warning("host events: Redis %s: %s (kept, sent again)", self.url, exc)
+                    self._warned = True
+
+    def close(self) -> None:
+        """One last try (the supervisor exits, or the store stops being Redis); says what is lost."""
+        self._next = 0.0
+        self.flush()
+        lost = sum(len(args) // 3 for _id, args in self.unsent)
+        if lost:
+            log.error("host events: %d restart/reload count(s) not written to Redis %s", lost, self.url)
 
 
 class UsageDrainer:
