@@ -170,6 +170,7 @@ cdef class GatewayProtocol:
     cdef _enqueue(self, Exchange ex)
     cdef _run_chain(self, Exchange ex, tuple chain, Py_ssize_t i)
     cdef _run_chain_timed(self, Exchange ex, object chain)
+    cdef _answered(self, Exchange ex, object r, tuple chain, Py_ssize_t i)
     cdef _start(self, Exchange ex)
     cdef _finish(self, Exchange ex)
     cdef _close(self)

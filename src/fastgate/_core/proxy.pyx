@@ -948,15 +948,19 @@ cdef class GatewayProtocol:
         while i < n:
             r = chain[i](ex)
             i += 1
-            if r is None:
-                continue
-            if type(r) is bytes:
-                ex.local = r
+            if r is not None:
+                self._answered(ex, r, chain, i)
                 return
-            fut = asyncio.ensure_future(r)
-            ex.pending = fut
-            fut.add_done_callback(lambda f, ex=ex, chain=chain, i=i: self._chain_resumed(ex, chain, i, f))
+
+    cdef _answered(self, Exchange ex, object r, tuple chain, Py_ssize_t i):
+        """A request hook answered: bytes is the response; an awaitable parks the exchange until
+        it is done, then the chain goes on from hook i."""
+        if type(r) is bytes:
+            ex.local = r
             return
+        fut = asyncio.ensure_future(r)
+        ex.pending = fut
+        fut.add_done_callback(lambda f, ex=ex, chain=chain, i=i: self._chain_resumed(ex, chain, i, f))
 
     cdef _run_chain_timed(self, Exchange ex, object chain):
         """_run_chain for a sampled request: each hook's own time goes to the policy histogram
@@ -972,15 +976,9 @@ cdef class GatewayProtocol:
             if metrics is not None:
                 metrics.policy(route, names[i], perf_counter() - t)
             i += 1
-            if r is None:
-                continue
-            if type(r) is bytes:
-                ex.local = r
+            if r is not None:
+                self._answered(ex, r, hooks, i)
                 return
-            fut = asyncio.ensure_future(r)
-            ex.pending = fut
-            fut.add_done_callback(lambda f, ex=ex, chain=hooks, i=i: self._chain_resumed(ex, chain, i, f))
-            return
 
     def _chain_resumed(self, Exchange ex, tuple chain, Py_ssize_t i, fut):
         ex.pending = None

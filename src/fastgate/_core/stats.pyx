@@ -19,6 +19,19 @@ cdef inline int _bucket(double seconds) noexcept:
     return NBUCKETS
 
 
+cdef _flush_histogram(add, unsigned int* counts, double total, Py_ssize_t at):
+    """add() a histogram's non-zero buckets at `at`, then its sum in µs and its count."""
+    cdef int i
+    cdef long long count = 0
+    for i in range(NB):
+        if counts[i]:
+            count += counts[i]
+            add(at + i, counts[i])
+    if count:
+        add(at + NB, int(total * 1e6))
+        add(at + NB + 1, count)
+
+
 cdef class RouteStats:
     def __init__(self, str route):
         self.name = route
@@ -69,27 +82,9 @@ cdef class RouteStats:
         classes, then for each histogram (gateway, upstream) NB buckets, the sum in µs and the
         count. Then start again from zero."""
         cdef int i
-        cdef long long count
-        cdef Py_ssize_t at
         for i in range(6):
             if self._classes[i]:
                 add(base + i, self._classes[i])
-        at = base + 6
-        count = 0
-        for i in range(NB):
-            if self._lat[i]:
-                count += self._lat[i]
-                add(at + i, self._lat[i])
-        if count:
-            add(at + NB, int(self.lat_sum * 1e6))
-            add(at + NB + 1, count)
-        at += NB + 2
-        count = 0
-        for i in range(NB):
-            if self._ulat[i]:
-                count += self._ulat[i]
-                add(at + i, self._ulat[i])
-        if count:
-            add(at + NB, int(self.ulat_sum * 1e6))
-            add(at + NB + 1, count)
+        _flush_histogram(add, self._lat, self.lat_sum, base + 6)
+        _flush_histogram(add, self._ulat, self.ulat_sum, base + 6 + NB + 2)
         self.reset()
