@@ -65,6 +65,23 @@ async def test_pooled_connection_closed_while_idle_is_retried_transparently(loop
         assert [q.body for q in up.requests] == [b"1", b"2"]
 
 
+async def test_a_pooled_connection_reset_by_the_upstream_is_retried_even_with_no_retries(loop):
+    """The upstream's keep-alive timeout crosses the next request: its connection is reset before
+    any answer. That request goes again on a new connection, though `retries` is 0 (as in nginx)."""
+    seen = []
+
+    def closes_the_second(req):
+        seen.append(req.url.decode())
+        return None if len(seen) == 2 else reply(200, b"ok")
+
+    async with Upstream(closes_the_second) as up, gateway(simple_config(up, retries=0)) as gw:
+        async with httpx.AsyncClient() as c:
+            assert (await c.get(f"http://127.0.0.1:{gw.port}/one")).status_code == 200
+            r = await c.get(f"http://127.0.0.1:{gw.port}/two")
+            assert r.status_code == 200 and r.text == "ok"
+    assert seen == ["/one", "/two", "/two"]
+
+
 async def test_read_timeout_is_504_and_total_timeout(loop):
     async def slow(req):
         await asyncio.sleep(3)

@@ -1298,10 +1298,13 @@ cdef class GatewayProtocol:
     cdef _retry_or_fail(self, Exchange ex, Target target, object exc, bint connect_failed=False, bint idle_reset=False):
         group = ex.group
         replayable = ex.sent is not None and (ex.method in IDEMPOTENT or connect_failed or idle_reset)
-        if not ex.responded and replayable and ex.attempt < group.retries and ex.upgrade is None:
-            ex.attempt += 1
+        # a kept-alive connection that the upstream had closed (its idle timeout crossed our request)
+        # does not use up a retry, as in nginx: each such one leaves the pool, a new one is not reused
+        if (not ex.responded and replayable and (idle_reset or ex.attempt < group.retries)
+                and ex.upgrade is None):
             self._state.stats["retries"] += 1
             if not idle_reset:
+                ex.attempt += 1
                 ex.excluded = ex.excluded + (target,)
             ex.out = ex.sent + ex.out
             ex.sent = []
