@@ -17,6 +17,7 @@ the new config after a reload, and stops it with the workers.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -217,6 +218,18 @@ class Supervisor:
                     self.events.unsent, self.events.pending = old.unsent, old.pending
                     old.unsent, old.pending = [], {}
 
+    @contextlib.contextmanager
+    def _forking(self):
+        """Around os.fork: the host-event sender's thread (the supervisor's only one) is not in the
+        middle of a send, so the child inherits none of the locks a send takes."""
+        if self.events is None:
+            yield
+            return
+        with self.events.quiet() as still:
+            if not still:
+                log.warning("host events: a send to Redis is taking long; forking anyway")
+            yield
+
     # --- sockets ----------------------------------------------------------------------------------
     def _proxy_sockets(self, cfg: Config):
         out = []
@@ -253,7 +266,8 @@ class Supervisor:
         psock = self._admin_socket(pli) if pli is not None else None
         supervisor_pid = os.getpid()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        pid = os.fork()
+        with self._forking():
+            pid = os.fork()
         if pid == 0:  # the control process
             code = 1
             try:
@@ -289,7 +303,8 @@ class Supervisor:
         # Block our signals across fork: one sent to the new child before it has reset the
         # supervisor's handlers would otherwise land in the child's copy of our queue and be lost.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        pid = os.fork()
+        with self._forking():
+            pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:

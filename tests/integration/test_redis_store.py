@@ -106,14 +106,23 @@ def test_redis_down_keeps_the_last_directory_and_catches_up_after(cluster):
     first = a.admin.post("/consumers/dave/credentials").json()["key"]
     wait_for(lambda: b.every_worker(first, 200), 5, "the first key on node b")
     redis.stop()
-    second = a.admin.post("/consumers/dave/credentials").json()["key"]  # the store works without Redis
+    # Redis holds the store's record: no write without it, reads answer from the node's replica
+    r = a.admin.post("/consumers/dave/credentials")
+    assert r.status_code == 503 and r.json()["error"] == "store_unavailable", r.text
+    assert a.admin.get("/consumers/dave").status_code == 200
     time.sleep(1.0)
     assert b.every_worker(first, 200)  # the last snapshot stays in force
-    assert b.status(second) == 401
-    redis.start()  # empty: the publisher fills it again, the subscribers reconnect and fetch
+    redis.start()  # empty: node a's replica seeds it again, the subscribers reconnect and fetch
+
+    def create():
+        r = a.admin.post("/consumers/dave/credentials")
+        return r.json()["key"] if r.status_code == 201 else None
+
+    second = wait_for(create, 15, "a write once Redis is back")
     wait_for(lambda: b.every_worker(second, 200), 15, "the second key after Redis came back")
     assert b.every_worker(first, 200)
     assert "keeping the last snapshot" in b.log.read_text()
+    assert "held no store: seeded it from this node's replica" in a.log.read_text()
 
 
 def test_usage_ledger_counts_every_node_exactly_once(cluster):
@@ -208,6 +217,7 @@ def test_host_events_wait_for_redis_and_are_applied_once(tmp_path):
     import sqlite3
 
     from fastgate.control.analytics import HOST_ROW
+    from fastgate.control.replica import Replica
     from fastgate.control.store import Store
     from fastgate.control.usage_redis import HostEventSender, UsageDrainer
 
@@ -227,7 +237,9 @@ def test_host_events_wait_for_redis_and_are_applied_once(tmp_path):
         db = tmp_path / "s.db"
         Store(str(db)).close()
         conn = sqlite3.connect(db, isolation_level=None)
-        assert UsageDrainer(str(db), redis.url, "t2:").drain_once(conn) == 1
+        replica = Replica(conn, redis.url, "t2:")
+        assert UsageDrainer(str(db), redis.url, "t2:").drain_once(replica) == 1
+        replica.close()
         row = conn.execute("SELECT SUM(restarts), SUM(reloads) FROM metric_series WHERE res = 10 AND route = ?",
                            (HOST_ROW,)).fetchone()
         assert row == (2, 1)
@@ -269,3 +281,86 @@ def test_host_events_survive_a_peer_that_is_not_redis():
         stop.set()
         t.join(2)
         srv.close()
+
+
+def test_two_control_nodes_share_one_store_in_redis(tmp_path):
+    """Two nodes each with an admin API (and a store file of their own, a replica): what one writes,
+    the other reads within a second, its workers honour, and no write is lost or made twice."""
+    import threading
+
+    with RedisServer() as redis:
+        a = Node(tmp_path, "a", redis.url, admin=True)
+        c = None
+        try:
+            c = Node(tmp_path, "c", redis.url, admin=True)
+            assert a.admin.post("/consumers", json={"username": "gina"}).status_code == 201
+            wait_for(lambda: c.admin.get("/consumers/gina").status_code == 200, 2, "gina on node c's admin API")
+            cred = c.admin.post("/consumers/gina/credentials").json()  # written through the other node
+            wait_for(lambda: a.every_worker(cred["key"], 200) and c.every_worker(cred["key"], 200), 5,
+                     "node c's key on both nodes' workers")
+            assert a.admin.delete(f"/credentials/{cred['id']}").status_code == 200
+            wait_for(lambda: c.every_worker(cred["key"], 401), 5, "the revocation on node c")
+
+            statuses = []  # the same new name on both at once: one wins, the other is told
+            go = threading.Barrier(2)
+
+            def create(node):
+                go.wait()
+                statuses.append(node.admin.post("/consumers", json={"username": "hal"}).status_code)
+
+            threads = [threading.Thread(target=create, args=(n,)) for n in (a, c)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert sorted(statuses) == [201, 409]
+
+            # the ledger: each node's drain is applied on both replicas, once
+            key = a.admin.post("/consumers/gina/credentials").json()["key"]
+            wait_for(lambda: a.every_worker(key, 200) and c.every_worker(key, 200), 5, "the new key on both")
+            with httpx.Client(timeout=5) as client:
+                for node, n in ((a, 13), (c, 21)):
+                    for _ in range(n):
+                        assert client.get(node.url + "/billed", headers={"apikey": key}).status_code == 200
+
+            def billed(node) -> int:
+                rows = node.admin.get("/usage", params={"consumer": "gina"}).json()
+                return sum(r["requests"] for r in rows if r["api"] == "billing")
+
+            wait_for(lambda: billed(a) == 34 and billed(c) == 34, 20, "both ledgers to count 34 requests")
+            time.sleep(3)  # more drains on both nodes: nothing counted twice
+            assert billed(a) == 34 and billed(c) == 34
+            for path in ("/consumers", "/credentials", "/audit"):
+                wait_for(lambda p=path: a.admin.get(p).json() == c.admin.get(p).json(), 2, f"{path} alike")
+        finally:
+            a.stop()
+            if c is not None:
+                c.stop()
+
+
+def test_the_supervisor_forks_only_between_two_sends_of_host_events():
+    """A send under way (here: a peer that never answers, so it lasts the 0.25 s timeout) is waited
+    for before a fork, and none starts until the fork is done: a child never inherits a lock the
+    sender's thread held mid-send (the hang this prevents: a new control process stuck at start)."""
+    import socket
+
+    from fastgate.control.usage_redis import HostEventSender
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        sender = HostEventSender(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", "t3:", retry=0.0)
+        sender.add("reloads")  # the thread starts sending into silence
+        time.sleep(0.05)
+        assert sender._send_lock.locked()  # mid-send
+        t = time.monotonic()
+        with sender.quiet() as still:
+            waited = time.monotonic() - t
+            sender.add("reloads")  # wakes the thread: it must not take this while held still
+            time.sleep(0.1)
+            pending_during = dict(sender.pending)
+        assert still and waited > 0.1  # it did wait for the send under way to end
+        assert pending_during  # nothing was taken for sending while held still
+    finally:
+        silent.close()

@@ -257,8 +257,8 @@ class RespStream:
 
 
 class DirectoryPublisher:
-    """In the control process: when the store changes (SQLite's data_version, from the admin API's or
-    the portal's connection), publish the new snapshot to Redis; republish every `refresh` seconds
+    """In the control process: when the store changes (SQLite's data_version: a write of this node,
+    or another node's applied to its replica), publish the new snapshot to Redis; republish every `refresh` seconds
     too, so a Redis that restarted empty is filled again. A thread: the store's reads are blocking."""
 
     def __init__(self, store_path: str, url: str, prefix: str, interval: float = 0.1, refresh: float = 10.0):
@@ -294,7 +294,12 @@ class DirectoryPublisher:
                 try:
                     now_version = conn.execute("PRAGMA data_version").fetchone()[0]
                     if now_version != version or time.monotonic() - sent_at > self.refresh:
-                        self.publish(json.dumps(read_snapshot(conn), separators=(",", ":")).encode())
+                        conn.execute("BEGIN")  # one read: the snapshot and the transaction it is as of
+                        try:
+                            snapshot, seq = read_snapshot(conn), _replica_seq(conn)
+                        finally:
+                            conn.execute("COMMIT")
+                        self.publish(json.dumps(snapshot, separators=(",", ":")).encode(), seq)
                         version, sent_at = now_version, time.monotonic()
                         if warned:
                             log.info("directory: published to Redis %s again", self.url)
@@ -307,13 +312,33 @@ class DirectoryPublisher:
         finally:
             conn.close()
 
-    def publish(self, blob: bytes) -> None:
+    def publish(self, blob: bytes, seq: int = 0) -> None:
+        """SET and PUBLISH, unless another control node already published a later transaction's."""
         from ..counters.resp import SyncRedis
 
         r = SyncRedis(self.url)
         try:
-            r.call(b"SET", self.key, blob)
-            r.call(b"PUBLISH", self.key, b"1")
+            if r.call(b"EVAL", PUBLISH_IF_NEWER, 2, self.key, self.key + b":seq", blob, seq):
+                self.published += 1
         finally:
             r.close()
-        self.published += 1
+
+
+PUBLISH_IF_NEWER = """
+if tonumber(redis.call('GET', KEYS[2]) or '-1') > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('PUBLISH', KEYS[1], '1')
+return 1
+"""
+"""KEYS directory, its sequence number; ARGV snapshot, the store transaction it is as of. Every
+control node publishes from its replica (control/replica.py); one that is behind does not undo a
+later snapshot."""
+
+
+def _replica_seq(conn: sqlite3.Connection) -> int:
+    try:
+        row = conn.execute("SELECT v FROM replica WHERE k = 'seq'").fetchone()
+    except sqlite3.OperationalError:  # not a replica (yet)
+        return 0
+    return int(row[0]) if row else 0

@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .store import Store, hash_key
+from .store import Store, StoreUnavailable, hash_key
 
 log = logging.getLogger("fastgate.oauth")
 
@@ -118,8 +118,9 @@ class AuthServer:
         self.issuer = cfg.issuer
         self.audience = cfg.audience
         self.supported_scopes = frozenset(cfg.scopes)
-        self._signer: tuple[str, str, object] | None = None  # (kid, alg, private key object)
-        self._next_at: float | None = None  # when the key published ahead starts signing
+        # (kid, alg, private key object): reloaded when the store's active key is another one (a
+        # rotation here, or through another control node sharing the store in Redis)
+        self._signer: tuple[str, str, object] | None = None
 
     # --- keys -------------------------------------------------------------------------------------
     def ensure_key(self) -> None:
@@ -149,27 +150,27 @@ class AuthServer:
             return out
         out = self.store.schedule_oauth_key(actor, kid, self.cfg.algorithm, pem, jwk,
                                             time.time() + self.cfg.publish_ahead)
-        self._next_at = out["signs_from"]
         log.info("oauth: signing key %s published; it signs from %.0f (in %g s)", kid, out["signs_from"],
                  self.cfg.publish_ahead)
         return out
 
     def _promote(self) -> None:
-        row = self.store.promote_oauth_key(self.cfg.overlap_margin)
         nxt = self.store.next_oauth_key()
-        self._next_at = nxt["signs_from"] if nxt is not None else None
+        if nxt is None or time.time() < nxt["signs_from"]:
+            return
+        row = self.store.promote_oauth_key(self.cfg.overlap_margin)
         if row is not None:
-            self._signer = None
             log.info("oauth: signing key %s now signs", row["kid"])
 
     def signer(self) -> tuple[str, str, object]:
-        if self._next_at is not None and time.time() >= self._next_at:
-            self._promote()
-        if self._signer is None:
+        """The signing key: whichever the store says is active now (two indexed reads of the local
+        file per token), promoting a scheduled one whose time has come, on whichever node sees it first."""
+        self._promote()
+        row = self.store.active_oauth_key()
+        if row is None:  # a store emptied under us: make one
+            self.ensure_key()
             row = self.store.active_oauth_key()
-            if row is None:  # a store emptied under us: make one
-                self.ensure_key()
-                row = self.store.active_oauth_key()
+        if self._signer is None or self._signer[0] != row["kid"]:
             private = serialization.load_pem_private_key(row["private_pem"].encode(), password=None)
             self._signer = (row["kid"], row["alg"], private)
         return self._signer
@@ -310,7 +311,10 @@ class AuthServer:
         return Response(b"", 200, headers=NO_STORE)
 
     async def jwks_endpoint(self, request: Request) -> Response:
-        self.store.prune_oauth()
+        try:
+            self.store.prune_oauth()
+        except StoreUnavailable:  # the store in Redis is away: the replica's keys are still the keys
+            pass
         return JSONResponse(self.jwks(), headers={"Cache-Control": "max-age=60"})
 
     async def metadata_endpoint(self, request: Request) -> Response:
@@ -321,12 +325,16 @@ def create_oauth_app(server: AuthServer) -> Starlette:
     async def crash(request, exc):  # Starlette re-raises it afterwards: uvicorn logs the traceback
         return JSONResponse({"error": "server_error"}, 500, headers=NO_STORE)
 
+    async def unavailable(request, exc):  # the store in Redis is away: nothing can be recorded
+        return JSONResponse({"error": "temporarily_unavailable", "error_description": str(exc)}, 503,
+                            headers={**NO_STORE, "Retry-After": "1"})
+
     return Starlette(routes=[
         Route(TOKEN_PATH, server.token_endpoint, methods=["POST"]),
         Route(REVOKE_PATH, server.revoke_endpoint, methods=["POST"]),
         Route(JWKS_PATH, server.jwks_endpoint, methods=["GET"]),
         Route(METADATA_PATH, server.metadata_endpoint, methods=["GET"]),
-    ], exception_handlers={Exception: crash})
+    ], exception_handlers={StoreUnavailable: unavailable, Exception: crash})
 
 
 def with_oauth(app, oauth_app):

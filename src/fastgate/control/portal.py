@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .store import Store, StoreError
+from .store import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger("fastgate.portal")
 
@@ -677,7 +677,11 @@ def create_portal(store: Store, cfg, token: str | None = None, config_path: str 
         Route("/admin/developers/pending", p.pending, methods=["GET"]),
         Route("/admin/developers/{id}/approve", p.approve, methods=["POST"]),
     ]
-    app = Starlette(routes=routes)
+    async def unavailable(request, exc):  # the store in Redis is away (control/replica.py): nothing written
+        return HTMLResponse("<!doctype html><title>503</title><p>The portal cannot save anything right now. "
+                            "Try again in a moment.</p>", 503, headers={"Cache-Control": "no-store", "Retry-After": "1"})
+
+    app = Starlette(routes=routes, exception_handlers={StoreUnavailable: unavailable})
     app.state.portal = p
     return app
 

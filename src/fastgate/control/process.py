@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 
 import anyio._backends._asyncio  # noqa: F401 - starlette's, imported on first use otherwise
 import uvicorn
@@ -28,7 +29,8 @@ from .admin import create_app, resolve_token
 from .analytics import Analytics
 from .oauth import AuthServer, create_oauth_app, with_oauth
 from .portal import create_portal
-from .store import Store
+from .replica import ReplicaFollower
+from .store import Store, StoreUnavailable
 
 log = logging.getLogger("fastgate.control")
 
@@ -106,8 +108,7 @@ def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: in
     if drop is not None:
         drop()
     try:
-        store = Store(cfg.store.path)
-        store.sync_config(cfg)
+        store = _open_store(cfg)
     except Exception as exc:  # noqa: BLE001 - StoreError, sqlite3.Error, OSError: say which file
         log.error("admin API not started: store %s: %s", cfg.store.path, exc)
         return 2
@@ -119,9 +120,12 @@ def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: in
         except Exception as exc:  # noqa: BLE001 - sqlite3.Error, a key that does not load: say so, serve the rest
             log.error("OAuth authorization server not started: %s", exc)
             oauth = None
-    publisher = drainer = None
+    publisher = drainer = follower = None
     if cfg.store.backend == "redis":  # clustered nodes: every node's workers learn the keys through Redis
         from .directory import DirectoryPublisher, store_redis_url
+
+        follower = ReplicaFollower(cfg.store.path, store_redis_url(cfg), cfg.store.key_prefix)
+        follower.start()  # what the other nodes' control processes write, into this node's replica
 
         publisher = DirectoryPublisher(cfg.store.path, store_redis_url(cfg), cfg.store.key_prefix)
         publisher.start()
@@ -162,5 +166,34 @@ def run_control(cfg, sock, listener, config_path: str | None, supervisor_pid: in
             publisher.stop()
         if drainer is not None:
             drainer.stop()
+        if follower is not None:
+            follower.stop()
         store.close()
     return 0
+
+
+def _open_store(cfg) -> Store:
+    """The store, with the config's consumers and plans copied in. With `store.backend: redis` this
+    node's replica waits for Redis (the admin API cannot write without it), trying every second."""
+    if cfg.store.backend != "redis":
+        store = Store(cfg.store.path)
+        store.sync_config(cfg)
+        return store
+    from .directory import store_redis_url
+
+    warned = False
+    while True:
+        store = None
+        try:
+            store = Store(cfg.store.path, store_redis_url(cfg), cfg.store.key_prefix)
+            store.sync_config(cfg)
+            if warned:
+                log.info("store: Redis reached, admin API starting")
+            return store
+        except StoreUnavailable as exc:
+            if store is not None:
+                store.close()
+            if not warned:
+                log.warning("store: waiting for Redis before the admin API starts (%s)", exc)
+                warned = True
+            time.sleep(1.0)

@@ -169,6 +169,14 @@ class ReadOnly(StoreError):
     code = "read_only"
 
 
+class StoreUnavailable(StoreError):
+    """The store lives in Redis (control/replica.py) and Redis cannot be reached, or another writer
+    holds the store's lock for too long: nothing was written."""
+
+    status = 503
+    code = "store_unavailable"
+
+
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -208,10 +216,14 @@ def _row(cur, row) -> dict:
 
 
 class Store:
-    """The control process's read-write handle. Not thread-safe: use it from one thread."""
+    """The control process's read-write handle. Not thread-safe: use it from one thread.
 
-    def __init__(self, path: str):
+    With `redis_url` (`store.backend: redis`) the file is this node's replica of the store that
+    Redis holds (control/replica.py): every transaction goes through Redis's log, reads stay local."""
+
+    def __init__(self, path: str, redis_url: str | None = None, prefix: str = "fastgate:"):
         self.path = path
+        self.replica = None
         if not os.path.exists(path):  # hashes only, but still nobody else's business
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         # one thread at a time (the admin API's event loop), though not always the one that opened it
@@ -220,13 +232,29 @@ class Store:
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA foreign_keys = ON")
         self.version = migrate(self.conn)
+        if redis_url is not None:
+            from .replica import Replica
+
+            self.replica = Replica(self.conn, redis_url, prefix)
+            self.conn = self.replica.rec  # notes every change made in a transaction, refuses any other
+            try:
+                self.replica.sync()
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
+        if self.replica is not None:
+            self.replica.close()
         self.conn.close()
 
     # --- plumbing ---------------------------------------------------------------------------------
     @contextmanager
     def tx(self):
+        if self.replica is not None:
+            with self.replica.write() as conn:
+                yield conn
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn

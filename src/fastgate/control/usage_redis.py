@@ -11,14 +11,17 @@ before Redis said so; a draining worker flushes what it has before it exits.
 
 Control process (`UsageDrainer`, a thread): every few seconds, per hour that has counts, one script
 RENAMEs `h:<hour>` to a draining key named by a fresh drain id (new increments start a new hash),
-then the drain's counts and its id go into SQLite in ONE transaction (`usage_drains` remembers the
-ids), then the draining key is deleted. After a crash anywhere in between, the next pass finds the
+then the drain's counts and its id go into the store in ONE transaction (`usage_drains` remembers the
+ids; a transaction of the store in Redis, control/replica.py, so every control node's replica has
+them), then the draining key is deleted. After a crash anywhere in between, the next pass finds the
 draining key: applied already (its id is in `usage_drains`) → only deleted; not applied → applied.
 Usage keys share the hash tag `{usage}` (buckets: hours), series keys `{series}` (buckets: 10 s).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import encodings.idna  # noqa: F401 - what socket.getaddrinfo imports on first use: never in the sender's thread
 import logging
 import os
 import sqlite3
@@ -28,6 +31,7 @@ import uuid
 
 from ..counters.resp import RedisURL, SyncRedis
 from .analytics import SERIES_COLS, UPSERT_USAGE, count_usage
+from .store import StoreError
 
 log = logging.getLogger("fastgate.analytics")
 
@@ -232,6 +236,18 @@ class HostEventSender:
         self._next = 0.0
         self._warned = False
 
+    @contextlib.contextmanager
+    def quiet(self, timeout: float = 2.0):
+        """Hold the sending still across the supervisor's fork: a child must not inherit a lock that
+        this thread held mid-send (an import's, the resolver's, a stream's) and hang on it. Waits for
+        a send under way (bounded by the Redis timeout) up to `timeout`; yields whether it did."""
+        got = self._send_lock.acquire(timeout=timeout)
+        try:
+            yield got
+        finally:
+            if got:
+                self._send_lock.release()
+
     def add(self, col: str, n: int = 1) -> None:
         from .analytics import HOST_ROW
 
@@ -295,6 +311,7 @@ class UsageDrainer:
     def __init__(self, store_path: str, url: str, prefix: str, interval: float = 2.0, series: bool = True):
         self.path = store_path
         self.url = RedisURL(url)
+        self.store_url, self.prefix = url, prefix
         self.kinds = [(keys(prefix, "usage"), _apply_usage)] + ([(keys(prefix, "series"), _apply_series)]
                                                                if series else [])
         self.interval = interval
@@ -313,56 +330,58 @@ class UsageDrainer:
             self._thread.join(5)
 
     def _run(self) -> None:
+        from .replica import Replica
+
         conn = sqlite3.connect(os.path.abspath(self.path), isolation_level=None, timeout=5.0, check_same_thread=False)
+        replica = Replica(conn, self.store_url, self.prefix)
         try:
             while not self._stop.wait(self.interval):
                 try:
-                    self.drain_once(conn)
+                    self.drain_once(replica)
                     self._warned = False
-                except (OSError, ConnectionError, sqlite3.Error) as exc:
+                except (OSError, ConnectionError, sqlite3.Error, StoreError) as exc:
                     if not self._warned:
                         log.warning("usage ledger: draining Redis %s: %s (retried)", self.url, exc)
                         self._warned = True
                 except Exception:  # noqa: BLE001 - a bug or a garbled reply must not end the draining
                     log.exception("usage ledger: draining Redis %s failed (retried)", self.url)
         finally:
+            replica.close()
             conn.close()
 
     # --- one pass ------------------------------------------------------------------------------
-    def drain_once(self, conn: sqlite3.Connection) -> int:
-        """Move every bucket's counts into SQLite; returns the number of drains applied."""
+    def drain_once(self, replica) -> int:
+        """Move every bucket's counts into the store (through `replica`, a control/replica.Replica:
+        every control node's file gets them); returns the number of drains applied."""
         r = SyncRedis(self.url)
         try:
             applied = 0
             for k, apply in self.kinds:
                 for dkey in r.call("SMEMBERS", k["draining"]) or []:  # left over from an interrupted pass
-                    applied += self._finish(r, conn, k, apply, dkey.decode())
+                    applied += self._finish(r, replica, k, apply, dkey.decode())
                 for bucket in r.call("SMEMBERS", k["hours"]) or []:
                     dkey = f"{k['drain']}{bucket.decode()}:{uuid.uuid4().hex}"
                     if r.call("EVAL", DRAIN, 4, k["hour"] + bucket.decode(), dkey, k["draining"], k["hours"], bucket):
-                        applied += self._finish(r, conn, k, apply, dkey)
+                        applied += self._finish(r, replica, k, apply, dkey)
             return applied
         finally:
             r.close()
 
-    def _finish(self, r, conn: sqlite3.Connection, k: dict, apply, dkey: str) -> int:
+    def _finish(self, r, replica, k: dict, apply, dkey: str) -> int:
         drain_id = dkey.rsplit(":", 1)[1]
         bucket = int(dkey.rsplit(":", 2)[1])
-        done = conn.execute("SELECT 1 FROM usage_drains WHERE id = ?", (drain_id,)).fetchone() is not None
-        n = 0
-        if not done:
-            flat = r.call("HGETALL", dkey) or []
-            fields = {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+        flat = r.call("HGETALL", dkey) or []
+        fields = {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        # another control node may be finishing the same drain: the store's lock orders the two, and
+        # the second finds the first's drain id (an empty key means the first has committed)
+        with replica.write() as conn:
+            done = conn.execute("SELECT 1 FROM usage_drains WHERE id = ?", (drain_id,)).fetchone() is not None
+            if not done:
                 apply(conn, bucket, fields)
                 conn.execute("INSERT INTO usage_drains (id, at) VALUES (?, ?)", (drain_id, time.time()))
                 conn.execute("DELETE FROM usage_drains WHERE at < ?", (time.time() - 7 * 86400,))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        n = 0
+        if not done:
             n = 1
             self.drained += 1
         r.call("DEL", dkey)
