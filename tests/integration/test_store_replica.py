@@ -3,6 +3,7 @@ is a replica of the log and image Redis holds. Real redis-server, real SQLite fi
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import threading
 import time
 
@@ -10,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastgate.control.replica import StoreUnavailable
-from fastgate.control.store import Conflict, NotFound, ReadOnly, Store
+from fastgate.control import replica as replica_mod
+from fastgate.control.replica import ReplicaFollower, StoreUnavailable
+from fastgate.control.store import ACTIVE_KEYS_SQL, Conflict, NotFound, ReadOnly, Store
 from tests.redis_server import RedisServer
 
 _prefixes = itertools.count()
@@ -26,6 +28,14 @@ def redis():
 @pytest.fixture
 def prefix():
     return f"r{next(_prefixes)}:"
+
+
+@pytest.fixture(autouse=True)
+def quick_election(request, monkeypatch):
+    """A new store is created after the control nodes have had `ELECTION` seconds to say how current
+    they are; these tests start one node at a time, except where they test the election itself."""
+    if "real_election" not in request.keywords:
+        monkeypatch.setattr(replica_mod, "ELECTION", 0.02)
 
 
 def dump(store: Store) -> list[str]:
@@ -274,3 +284,140 @@ def test_oauth_keys_rotated_on_one_node_sign_on_the_other(redis, prefix, tmp_pat
             redis.start()
     a.close()
     b.close()
+
+
+def test_the_follower_replays_cascades_and_ids_as_they_ran(redis, prefix, tmp_path):
+    """The follower's own connection (not the Store's) applies the log: a consumer's delete takes
+    its keys with it there too, so a name reused later never inherits them."""
+    a = Store(str(tmp_path / "a.db"), redis.url, prefix)
+    b = Store(str(tmp_path / "b.db"), redis.url, prefix)
+    follower = ReplicaFollower(str(tmp_path / "b.db"), redis.url, prefix, interval=0.02)
+    follower.start()
+    try:
+        a.create_consumer("t", "alice")
+        a.create_key("t", "alice")
+        a.delete_consumer("t", "alice")  # ON DELETE CASCADE: alice's key goes
+        a.create_consumer("t", "mallory")  # the same consumer id, 1
+        cred, _key = a.create_key("t", "mallory")
+        deadline = time.monotonic() + 5
+        while b.replica.local_seq() < a.replica.local_seq() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert follower.replica.applied >= 5
+        assert b.conn.execute(ACTIVE_KEYS_SQL).fetchall() == a.conn.execute(ACTIVE_KEYS_SQL).fetchall()
+        assert [(k["id"], k["consumer"]) for k in b.list_credentials()] == [(cred["id"], "mallory")]
+        assert dump(a) == dump(b)
+    finally:
+        follower.stop()
+        a.close()
+        b.close()
+
+
+def test_redis_emptied_is_seeded_by_the_most_current_node(redis, prefix, tmp_path, monkeypatch):
+    """Redis comes back empty while a new node starts: the new node's empty file does not win
+    over the node that holds the store."""
+    monkeypatch.setattr(replica_mod, "ELECTION", 0.5)
+    a = Store(str(tmp_path / "a.db"), redis.url, prefix)
+    for i in range(5):
+        a.create_consumer("t", f"c{i}")
+    for k in redis.command("KEYS", f"{prefix}*"):
+        redis.command("DEL", k)
+    started = {}
+
+    def new_node():  # as the control process does (control/process.py): try again while Redis is being seeded
+        for _ in range(50):
+            try:
+                started["c"] = Store(str(tmp_path / "c.db"), redis.url, prefix)
+                return
+            except StoreUnavailable as exc:
+                started.setdefault("waited", str(exc))
+                time.sleep(0.1)
+
+    t = threading.Thread(target=new_node)
+    t.start()
+    time.sleep(0.05)
+    a.replica.sync()  # a takes part in the same election (its follower would, within 0.2 s)
+    t.join(10)
+    c = started["c"]
+    assert "a more current control node is seeding it" in started["waited"]  # it lost the election
+    assert len(a.list_consumers()) == 5
+    assert [x["username"] for x in c.list_consumers()] == [f"c{i}" for i in range(5)]
+    assert dump(c) == dump(a)
+    a.close()
+    c.close()
+
+
+def test_a_file_of_another_store_is_kept_before_it_is_replaced(redis, prefix, tmp_path):
+    a = Store(str(tmp_path / "a.db"), redis.url, prefix)
+    a.create_consumer("t", "only-here")
+    for k in redis.command("KEYS", f"{prefix}*"):  # Redis lost the store, and a new node seeds it alone
+        redis.command("DEL", k)
+    c = Store(str(tmp_path / "c.db"), redis.url, prefix)
+    c.create_consumer("t", "new-store")
+    a.replica.sync()  # a's file is not a replica of this store: a copy is kept, then it follows
+    assert [x["username"] for x in a.list_consumers()] == ["new-store"]
+    (backup,) = a.replica.backups
+    kept = sqlite3.connect(backup)
+    assert kept.execute("SELECT username FROM consumers").fetchall() == [("only-here",)]
+    kept.close()
+    a.close()
+    c.close()
+
+
+def test_a_transaction_redis_lost_is_not_built_upon(redis, prefix, tmp_path, caplog):
+    """Redis goes back to an earlier state (a failover to a replica that lagged) and another node
+    writes different transactions under the same numbers: the node that had the lost one notices
+    (each entry names the one it follows) and takes Redis's state, rather than diverging."""
+    a = Store(str(tmp_path / "a.db"), redis.url, prefix)
+    b = Store(str(tmp_path / "b.db"), redis.url, prefix)
+    a.create_consumer("t", "alice")
+    b.replica.sync()
+    kept = {k: redis.command("GET", f"{prefix}{{store}}:{k}") for k in ("seq", "hash")}
+    lost = a.replica.local_seq() + 1
+    a.create_key("t", "alice")  # acknowledged, then lost by Redis
+    stream = f"{prefix}{{store}}:log"  # the log as it was before: its entries up to the lost one
+    before = redis.command("XRANGE", stream, "-", f"{lost - 1}-0")
+    redis.command("DEL", stream)
+    for eid, fields in before:
+        redis.command("XADD", stream, eid, *fields)
+    for k, v in kept.items():
+        redis.command("SET", f"{prefix}{{store}}:{k}", v)
+    b.create_consumer("t", "bob")  # a different transaction with the lost one's number
+    for i in range(3):
+        b.create_consumer("t", f"x{i}")
+    a.replica.sync()
+    assert "does not follow this node's replica" in caplog.text
+    assert a.list_credentials() == [] and dump(a) == dump(b)
+    a.close()
+    b.close()
+
+
+@pytest.mark.filterwarnings("ignore:Using .httpx. with .starlette.testclient.")
+def test_the_portal_answers_503_while_the_store_is_away(redis, prefix, tmp_path):
+    """Not the misleading answer of a store error it knows (409 "already exists" on sign-up)."""
+    import re
+
+    from starlette.testclient import TestClient
+
+    from fastgate.config.load import load_config
+    from fastgate.control.portal import create_portal
+
+    cfg = load_config({"store": {"path": str(tmp_path / "p.db")},
+                       "routes": [{"name": "hello", "paths": ["/hello"], "mock": {"body": "one"}}]})
+    store = Store(cfg.store.path, redis.url, prefix)
+    try:
+        c = TestClient(create_portal(store, cfg, "t" * 24), base_url="http://127.0.0.1")
+        page = c.get("/signup")
+        assert page.status_code == 200
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        form = {"email": "new@example.com", "password": "a long enough password", "csrf": csrf}
+        redis.stop()
+        try:
+            r = c.post("/signup", data=form)
+            assert r.status_code == 503 and "cannot save anything right now" in r.text
+            assert "redis://" not in r.text
+        finally:
+            redis.start()
+        assert c.post("/signup", data=form).status_code in (200, 201, 202, 303)
+        assert [d["email"] for d in store.list_developers()] == ["new@example.com"]
+    finally:
+        store.close()

@@ -282,6 +282,8 @@ class Portal:
                 return self.cookie(resp, new_token)
             try:
                 resp = await fn(request, form)
+            except StoreUnavailable:
+                raise  # the generic 503 page (create_portal's handler), not the store's words
             except StoreError as exc:
                 resp = self.message(request, exc.status, str(exc))
             except Forbidden as exc:
@@ -413,6 +415,8 @@ class Portal:
         state = "pending" if self.cfg.portal.approval else "active"
         try:
             self.store.create_portal_developer(self.actor(request), email, name, pw_hash, state)
+        except StoreUnavailable:
+            raise
         except StoreError:
             return self.page("signup.html", request, 409, error="An account with this email already exists.",
                              email=email, title="Sign up")
@@ -478,6 +482,8 @@ class Portal:
             return Response(b'{"error": "unauthorized"}', 401, media_type="application/json")
         try:
             row = self.store.set_portal_state("admin", int(request.path_params["id"]), "active")
+        except StoreUnavailable:
+            raise
         except (ValueError, StoreError) as exc:
             return Response(json.dumps({"error": str(exc)}).encode(), 404, media_type="application/json")
         return Response(json.dumps(row).encode(), media_type="application/json")
@@ -514,6 +520,8 @@ class Portal:
                     app = self.store.create_app(self.actor(request), name, dev["id"],
                                                 form.get("description", "").strip()[:1024] or None)
                     return RedirectResponse(f"/apps/{app['id']}", 303)
+                except StoreUnavailable:
+                    raise
                 except StoreError:
                     error = f"You already have an app named {name}."
         return self.page("apps.html", request, 400 if error else 200, apps=self.store.list_apps_of(dev["id"]),

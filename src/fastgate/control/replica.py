@@ -2,37 +2,45 @@
 
 Redis keeps the store as a log of committed transactions and an image of the whole database:
 
-    <prefix>{store}:id     the store's id (a new one when Redis is seeded)
-    <prefix>{store}:seq    the number of the last transaction
+    <prefix>{store}:id     the store's id (made when Redis is first seeded)
+    <prefix>{store}:seq    the number of the last transaction; :hash its chain hash
     <prefix>{store}:log    a stream, one entry per transaction (id "<seq>-0"): its SQL statements with
-                           their arguments, as JSON
+                           their arguments as JSON (e), the chain hash it follows (p) and its own (h)
     <prefix>{store}:image  a hash {seq, data}: the SQLite file as of transaction `seq`
     <prefix>{store}:lock   the writers' lock (SET NX PX, a random token)
 
 Each control node keeps its SQLite file (`store.path`) as a replica: the same code, the same
-constraints, the same queries as with `backend: sqlite`. A write (`Replica.write`, what
-`Store.tx` is in this mode) takes the lock, brings the replica up to the log's end inside its SQLite
-transaction, runs, and appends its statements to the log with a Lua script that checks both the
-lock's token and the expected sequence number: a writer whose lock expired (a pause longer than
-`LOCK_TTL`) cannot append, and rolls back. Only then does it commit locally. So every replica applies
-the same statements in the same order; every value a statement uses (times, ids, hashes) is an
-argument computed before it ran, so replaying it gives the same rows. Every other node's follower
-(`ReplicaFollower`) applies new entries within `FOLLOW_INTERVAL`.
+constraints (foreign keys on every connection, so a replayed delete cascades as it did where it
+ran), the same queries as with `backend: sqlite`. A write (`Replica.write`, what `Store.tx` is in
+this mode) takes the lock, brings the replica up to the log's end inside its SQLite transaction,
+runs, and appends its statements with a Lua script that checks the lock's token, the expected
+sequence number and chain hash: a writer whose lock expired (a pause longer than `LOCK_TTL`) cannot
+append, and rolls back. Only then does it commit locally. Every value a statement uses (times, ids,
+hashes) is an argument computed before it ran, so replaying it gives the same rows. Every node's
+follower (`ReplicaFollower`) applies new entries within `FOLLOW_INTERVAL`, each only on top of the
+entry it names: a replica that holds a transaction Redis lost (a failover to a Redis replica that
+lagged) notices at the next entry and takes Redis's state instead of building on a different past.
 
 Every `IMAGE_EVERY` transactions the writer stores an image and trims the log to the last `KEEP`
-entries; a replica too far behind, a new one, or one from another store (its id differs) loads the
-image. Redis restarted empty: the first node to notice seeds it again from its own replica (a new id
-is not made: the others follow the same store). A replica ahead of Redis (Redis lost acknowledged
-writes: restored from an older save) loads Redis's image and says so; Redis is the record.
+entries; a replica too far behind, or a new one, loads the image. A file that belongs to another
+store (or to none, with data in it: a node moved from `backend: sqlite`) is copied aside
+(`<path>.<id>.<time>.bak`) before it is replaced. A Redis without the store (new, or restarted
+empty) is seeded after an election: each control node that notices says how current it is, and
+after `ELECTION` seconds the most current one (a former replica before a new file, then the higher
+transaction number) seeds it; the others follow. Redis is the record: run it with persistence.
 
 Tables that describe the node, not the store (`analytics_cursor`: what this host's metrics were when
 last counted), are kept as they are across an image load. Redis unreachable: reads keep answering
-from the replica, writes answer 503 `store_unavailable` (StoreUnavailable).
+from the replica, writes answer 503 `store_unavailable` (StoreUnavailable) — and when the answer to
+an append itself was lost, the error says the outcome is unknown (the log tells: the replica
+follows it either way).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -49,30 +57,44 @@ LOCK_WAIT = 3.0  # seconds a writer waits for the lock before answering 503
 IMAGE_EVERY = 1000  # transactions between two images
 KEEP = 2000  # log entries kept behind the latest image, for replicas a little behind
 FOLLOW_INTERVAL = 0.2  # seconds between two looks at the log, on every node
+ELECTION = 1.0  # seconds the control nodes take to say how current they are before one seeds Redis
 LOCAL_TABLES = ("analytics_cursor",)  # this node's own rows: kept across an image load
+BATCH = 512  # log entries per XRANGE
 
 APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
 if seq ~= tonumber(ARGV[2]) then return -2 end
+if (redis.call('GET', KEYS[3]) or '') ~= ARGV[3] then return -3 end
 seq = seq + 1
 redis.call('SET', KEYS[2], seq)
-redis.call('XADD', KEYS[3], seq .. '-0', 'e', ARGV[3])
+redis.call('SET', KEYS[3], ARGV[5])
+redis.call('XADD', KEYS[4], seq .. '-0', 'e', ARGV[4], 'p', ARGV[3], 'h', ARGV[5])
 return seq
 """
-"""KEYS lock, seq, log; ARGV token, the sequence number the writer caught up to, the entry."""
+"""KEYS lock, seq, hash, log; ARGV token, the sequence number and chain hash the writer caught up
+to, the entry, its chain hash."""
 
 UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
-SEED = """
+PROPOSE = "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) redis.call('PEXPIRE', KEYS[1], ARGV[3]) return 1"
+
+ELECT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[4], 'seq', ARGV[2], 'data', ARGV[3])
+local best = ''
+for _, claim in ipairs(redis.call('HVALS', KEYS[6])) do
+  if claim > best then best = claim end
+end
+if best ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4])
+redis.call('DEL', KEYS[4], KEYS[6])
+redis.call('HSET', KEYS[5], 'seq', ARGV[3], 'data', ARGV[5])
 return 1
 """
-"""KEYS id, seq, log, image; ARGV id, seq, image. Only into a Redis that holds no store."""
+"""KEYS id, seq, hash, log, image, candidates; ARGV this node's claim, id, seq, hash, image. Seeds a
+Redis that holds no store, from the most current replica that said so (the highest claim)."""
 
 IMAGE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[3] then return 0 end
@@ -83,6 +105,11 @@ if first > 0 then redis.call('XTRIM', KEYS[2], 'MINID', first .. '-0') end
 return 1
 """
 """KEYS image, log, id; ARGV seq, image, id, entries to keep."""
+
+
+def chain(prev: str, entry: bytes) -> str:
+    """The chain hash after `entry`: a replica applies an entry only on top of the one it follows."""
+    return hashlib.sha256(prev.encode() + b"\n" + entry).hexdigest()[:32]
 
 
 def _is_read(sql: str) -> bool:
@@ -124,22 +151,28 @@ class Replica:
     thread (the admin API's, the usage drainer's, the follower's) opens its own."""
 
     def __init__(self, conn: sqlite3.Connection, url: str, prefix: str, *, lock_ttl: float = LOCK_TTL,
-                 lock_wait: float = LOCK_WAIT, image_every: int = IMAGE_EVERY, keep: int = KEEP):
+                 lock_wait: float = LOCK_WAIT, image_every: int = IMAGE_EVERY, keep: int = KEEP,
+                 election: float | None = None):
         self.conn = conn
+        conn.execute("PRAGMA foreign_keys = ON")  # a replayed DELETE cascades as it did where it ran
         self.rec = Recorder(conn)
         self.url = RedisURL(url)
         k = f"{prefix}{{store}}:"
-        self.k_id, self.k_seq, self.k_log = k + "id", k + "seq", k + "log"
-        self.k_image, self.k_lock = k + "image", k + "lock"
+        self.k_id, self.k_seq, self.k_hash, self.k_log = k + "id", k + "seq", k + "hash", k + "log"
+        self.k_image, self.k_lock, self.k_cand = k + "image", k + "lock", k + "candidates"
         self.lock_ttl, self.lock_wait = lock_ttl, lock_wait
         self.image_every, self.keep = image_every, keep
+        self.election = ELECTION if election is None else election
         self._r: SyncRedis | None = None
-        self.applied = 0  # entries applied from other writers (for tests and logs)
+        self.applied = 0  # entries applied from the log (for tests and logs)
         self.images_loaded = 0
+        self.backups: list[str] = []  # files kept when this replica was replaced by another store's
         conn.execute("CREATE TABLE IF NOT EXISTS replica (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
 
     # --- Redis ------------------------------------------------------------------------------------
-    def _call(self, *args):
+    def _call(self, *args, resend: bool = True):
+        """One command. `resend`: a kept connection that Redis had closed (it restarted) gets the
+        command again on a new one — never for a command whose effect must not be guessed at."""
         for attempt in (0, 1):
             reused = self._r is not None
             try:
@@ -150,8 +183,7 @@ class Replica:
                 if self._r is not None:
                     self._r.close()
                     self._r = None
-                # a kept connection that Redis closed (it restarted): the command never ran, send it again
-                if attempt or not reused or not isinstance(exc, (ConnectionError, BrokenPipeError)):
+                if attempt or not resend or not reused or not isinstance(exc, (ConnectionError, BrokenPipeError)):
                     raise StoreUnavailable(f"the store's Redis ({self.url}) is unavailable: {exc}") from None
 
     def close(self) -> None:
@@ -160,87 +192,89 @@ class Replica:
             self._r = None
 
     # --- the replica's own bookkeeping ------------------------------------------------------------
-    def _local(self, k: str) -> str | None:
-        row = self.conn.execute("SELECT v FROM replica WHERE k = ?", (k,)).fetchone()
-        return row[0] if row else None
+    def _local(self) -> tuple[str | None, int, str]:
+        """(store id, transaction number, chain hash) of this replica."""
+        rows = dict(self.conn.execute("SELECT k, v FROM replica WHERE k IN ('id', 'seq', 'hash')").fetchall())
+        return rows.get("id"), int(rows.get("seq") or 0), rows.get("hash") or ""
 
-    def _set_local(self, k: str, v) -> None:
-        self.conn.execute("INSERT INTO replica (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
-                          (k, str(v)))
+    def _set_local(self, **values) -> None:
+        self.conn.executemany("INSERT INTO replica (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                              [(k, str(v)) for k, v in values.items()])
 
     def local_seq(self) -> int:
-        return int(self._local("seq") or 0)
+        return self._local()[1]
+
+    def _begin(self) -> None:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:  # another connection holds the file past its busy timeout
+            raise StoreUnavailable(f"the store's file is busy ({exc}); try again") from None
 
     # --- following the log ------------------------------------------------------------------------
     def sync(self) -> None:
         """Bring the replica up to the log's end (outside a transaction): what the follower does."""
-        self._begin_caught_up()
+        self._catch_up()
         self.conn.execute("COMMIT")
 
-    def _begin_caught_up(self) -> None:
-        """Open a write transaction on a replica that has every transaction in the log."""
-        self._check_id()
-        for _ in range(3):  # at most: the image, then the log past it
-            self.conn.execute("BEGIN IMMEDIATE")
+    def _catch_up(self) -> None:
+        """Leave a write transaction open on a replica that has the log's transactions (all of them
+        while the writers' lock is held; a writer holds it). Entries are fetched before the SQLite
+        transaction begins, so the file is locked only while they are applied."""
+        for _ in range(4):  # at most: a seed or a foreign file, an image, then the log past it
+            rid, last, rhash = self._call("MGET", self.k_id, self.k_seq, self.k_hash)
+            lid, seq, lhash = self._local()
+            if rid is None:
+                self._elect(lid, seq, lhash)
+                continue
+            if rid.decode() != lid:
+                self._replace_foreign(lid)
+                continue
+            last, rhash = int(last or 0), (rhash or b"").decode()
+            if seq > last or (seq == last and lhash != rhash):
+                log.error("store: this node's replica (transaction %d) is not in Redis's log (at %d): Redis lost "
+                          "writes; this node takes Redis's image", seq, last)
+                self._load_image()
+                continue
+            entries = []
+            while seq + len(entries) < last:
+                got = self._call("XRANGE", self.k_log, f"{seq + len(entries) + 1}-0", "+", "COUNT", BATCH) or []
+                if not got:
+                    break
+                entries += got
+            self._begin()
             try:
-                caught_up = self._apply_pending()
+                if self._apply(entries, last):
+                    return
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
-            if caught_up:
-                return
             self.conn.execute("ROLLBACK")
             self._load_image()
         raise StoreUnavailable("this node's replica cannot follow the store in Redis (see the log)")
 
-    def _check_id(self) -> None:
-        rid = self._call("GET", self.k_id)
-        lid = self._local("id")
-        if rid is None:  # a Redis with no store: seed it from this replica (or learn who did)
-            if lid is None:
-                lid = secrets.token_hex(16)
-                self.conn.execute("BEGIN IMMEDIATE")
-                self._set_local("id", lid)
-                self._set_local("seq", self.local_seq())
-                self.conn.execute("COMMIT")
-            seq, data = self._image()
-            if self._call("EVAL", SEED, 4, self.k_id, self.k_seq, self.k_log, self.k_image, lid, seq, data):
-                if seq:  # Redis lost the store (restarted empty): what this node has not followed is gone
-                    log.warning("store: Redis %s held no store: seeded it from this node's replica "
-                                "(transaction %d)", self.url, seq)
-                else:
-                    log.info("store: created in Redis %s, from this node's file", self.url)
-                return
-            rid = self._call("GET", self.k_id)
-        if rid is not None and rid.decode() != lid:
-            if lid is not None:
-                log.warning("store: this node's replica belongs to another store: replaced by Redis's")
-            self._load_image()
-
-    def _apply_pending(self) -> bool:
-        """Inside a write transaction: apply the log's entries this replica lacks. False when the log
-        no longer has them (trimmed, or Redis lost writes): the image is needed."""
-        seq = self.local_seq()
-        last = int(self._call("GET", self.k_seq) or 0)
-        if seq > last:
-            log.error("store: this node's replica is at transaction %d, Redis at %d: Redis lost writes; "
-                      "this node takes Redis's image", seq, last)
-            return False
-        while seq < last:
-            entries = self._call("XRANGE", self.k_log, f"{seq + 1}-0", "+", "COUNT", 256) or []
-            if not entries or int(entries[0][0].split(b"-")[0]) != seq + 1:
+    def _apply(self, entries: list, last: int) -> bool:
+        """In the open transaction: apply the entries this replica lacks, each only on top of the
+        one it follows. False when one is missing (the log was trimmed) or does not follow (Redis
+        lost writes this replica had): the image is needed."""
+        _lid, seq, lhash = self._local()  # another connection of this node may have applied some
+        for eid, fields in entries:
+            n = int(eid.split(b"-")[0])
+            if n <= seq:
+                continue
+            f = {fields[i]: fields[i + 1] for i in range(0, len(fields), 2)}
+            if n != seq + 1 or f.get(b"p", b"").decode() != lhash:
+                log.error("store: transaction %d of Redis's log does not follow this node's replica (at %d): "
+                          "loading the image", n, seq)
                 return False
-            for eid, fields in entries:
-                n = int(eid.split(b"-")[0])
-                try:
-                    self._replay(json.loads(fields[1]))
-                except sqlite3.Error as exc:  # the replica has diverged: start again from the image
-                    log.error("store: transaction %d does not apply here (%s): loading the image", n, exc)
-                    return False
-                seq = n
-                self.applied += 1
-            self._set_local("seq", seq)
-        return True
+            try:
+                self._replay(json.loads(f[b"e"]))
+            except sqlite3.Error as exc:  # the replica has diverged: start again from the image
+                log.error("store: transaction %d does not apply here (%s): loading the image", n, exc)
+                return False
+            seq, lhash = n, f[b"h"].decode()
+            self.applied += 1
+        self._set_local(seq=seq, hash=lhash)
+        return seq >= last
 
     def _replay(self, statements: list) -> None:
         for st in statements:
@@ -249,11 +283,58 @@ class Replica:
             else:
                 self.conn.execute(st[0], st[1])
 
+    # --- a Redis without a store ------------------------------------------------------------------
+    def _elect(self, lid: str | None, seq: int, lhash: str) -> None:
+        """Redis holds no store (new, or restarted empty): every control node that notices says how
+        current its replica is; after `election` seconds the most current seeds Redis with its file
+        (a node that was a replica before beats a new one, then the higher transaction number)."""
+        me = secrets.token_hex(8)
+        claim = f"{1 if lid else 0}:{seq:020d}:{me}"
+        self._call("EVAL", PROPOSE, 1, self.k_cand, me, claim, int(self.election * 5000))
+        time.sleep(self.election)
+        sid = lid or secrets.token_hex(16)
+        _seq, data = self._image(id=sid)
+        if self._call("EVAL", ELECT, 6, self.k_id, self.k_seq, self.k_hash, self.k_log, self.k_image, self.k_cand,
+                      claim, sid, seq, lhash, data, resend=False):
+            self._begin()
+            self._set_local(id=sid)
+            self.conn.execute("COMMIT")
+            if lid is None:
+                log.info("store: created in Redis %s, from this node's file", self.url)
+            else:
+                log.warning("store: Redis %s held no store: seeded it from this node's replica (transaction %d), "
+                            "the most current of the control nodes that answered", self.url, seq)
+            return
+        if self._call("EXISTS", self.k_id) == 0:
+            raise StoreUnavailable("Redis holds no store: a more current control node is seeding it")
+
+    def _replace_foreign(self, lid: str | None) -> None:
+        """This file is not a replica of the store in Redis: keep a copy when it holds anything (it
+        may be a store of its own: a node moved from backend sqlite, or from another cluster), then
+        take Redis's image."""
+        if lid is not None or self.conn.execute("SELECT EXISTS (SELECT 1 FROM audit)").fetchone()[0]:
+            path = self.conn.execute("PRAGMA database_list").fetchone()[2]
+            backup = f"{path}.{lid or 'own'}.{int(time.time())}.bak"
+            dest = sqlite3.connect(backup)
+            try:
+                self.conn.backup(dest)
+            finally:
+                dest.close()
+            os.chmod(backup, 0o600)
+            self.backups.append(backup)
+            log.warning("store: this node's file is not a replica of the store in Redis: kept as %s, "
+                        "replaced by Redis's", backup)
+        self._load_image()
+
     # --- images -----------------------------------------------------------------------------------
-    def _image(self) -> tuple[int, bytes]:
-        mem = sqlite3.connect(":memory:")
+    def _image(self, **replica) -> tuple[int, bytes]:
+        """(transaction number, the file's bytes) — with `replica` rows set in the copy only."""
+        mem = sqlite3.connect(":memory:", isolation_level=None)
         try:
             self.conn.backup(mem)
+            if replica:
+                mem.executemany("INSERT INTO replica (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                                [(k, str(v)) for k, v in replica.items()])
             row = mem.execute("SELECT v FROM replica WHERE k = 'seq'").fetchone()
             return int(row[0]) if row else 0, mem.serialize()
         finally:
@@ -282,7 +363,7 @@ class Replica:
         self.conn.execute("PRAGMA journal_mode = WAL")
         migrate(self.conn)  # an image from an older fastgate: bring it to this one's schema
         self.conn.execute("CREATE TABLE IF NOT EXISTS replica (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
-        self.conn.execute("BEGIN IMMEDIATE")
+        self._begin()
         for table, rows in own.items():
             self.conn.execute(f"DELETE FROM {table}")
             if rows:
@@ -294,33 +375,41 @@ class Replica:
 
     def publish_image(self) -> bool:
         seq, data = self._image()
-        rid = self._local("id") or ""
+        rid = self._local()[0] or ""
         return bool(self._call("EVAL", IMAGE, 3, self.k_image, self.k_log, self.k_id, seq, data, rid, self.keep))
 
     # --- writing ----------------------------------------------------------------------------------
     @contextmanager
     def write(self):
         """One replicated transaction: yields the recording connection. StoreUnavailable when Redis
-        cannot be reached or the lock cannot be had within `lock_wait`."""
+        cannot be reached or the lock cannot be had within `lock_wait` (nothing was written), or
+        when Redis did not answer the append (then the change is in the log or not: this replica
+        learns which from the log)."""
         token = secrets.token_hex(16)
         deadline = time.monotonic() + self.lock_wait
-        while not self._call("SET", self.k_lock, token, "NX", "PX", int(self.lock_ttl * 1000)):
+        while not self._call("SET", self.k_lock, token, "NX", "PX", int(self.lock_ttl * 1000), resend=False):
             if time.monotonic() > deadline:
                 raise StoreUnavailable("another writer holds the store's lock; try again")
             time.sleep(0.005)
         seq = None
         try:
-            self._begin_caught_up()
+            self._catch_up()
             try:
                 self.rec.log = []
                 yield self.rec
                 if self.rec.log:
-                    entry = json.dumps(self.rec.log, separators=(",", ":"))
-                    seq = self._call("EVAL", APPEND, 3, self.k_lock, self.k_seq, self.k_log, token,
-                                     self.local_seq(), entry)
+                    entry = json.dumps(self.rec.log, separators=(",", ":")).encode()
+                    _lid, last, prev = self._local()
+                    h = chain(prev, entry)
+                    try:
+                        seq = self._call("EVAL", APPEND, 4, self.k_lock, self.k_seq, self.k_hash, self.k_log,
+                                         token, last, prev, entry, h, resend=False)
+                    except StoreUnavailable as exc:
+                        raise StoreUnavailable(f"{exc} — during a write: whether it was recorded is not known; "
+                                               "look before trying again") from None
                     if seq < 0:
                         raise StoreUnavailable("this write lost the store's lock (it took too long); try again")
-                    self._set_local("seq", seq)
+                    self._set_local(seq=seq, hash=h)
                 self.conn.execute("COMMIT")
             except BaseException:
                 if self.conn.in_transaction:
