@@ -423,3 +423,11 @@ class ChunkedScanner:
                     need(not is_ctl(c))
             need((yield) == LF)
         need((yield) == LF)
+
+
+def remove_headers(head: bytes, names) -> bytes:
+    """The header lines of `head` whose name (before the colon, OWS stripped, lowercased) is in
+    `names`, removed; the status line is never a header line."""
+    lines = head.split(b"\r\n")
+    kept = [lines[0]] + [ln for ln in lines[1:] if ln.split(b":", 1)[0].strip(b" \t").lower() not in names]
+    return b"\r\n".join(kept)

@@ -521,3 +521,21 @@ def test_chunked_scanner_after_the_end():
         with pytest.raises(ValueError):
             sc.feed(b"0\r\n\r\n")                                        # broken stays broken
         assert not sc.done
+
+
+NAMES = [b"X-Gateway", b"Server", b"x-cache", b"Set-Cookie", b"ETag", b"Via"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from([b"", b" "]),
+                                st.binary(max_size=12).filter(lambda v: b"\r" not in v and b"\n" not in v)),
+                      max_size=8),
+       drop=st.sets(st.sampled_from([n.lower() for n in NAMES] + [b"absent"])),
+       case=st.booleans())
+def test_remove_headers_matches_model(lines, drop, case):
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(
+        (n.upper() if case else n) + b":" + ows + v + ows + b"\r\n" for n, ows, v in lines)
+    got = core.remove_headers(head, frozenset(drop))
+    assert got == model.remove_headers(head, frozenset(drop))
+    if not any(n.lower() in drop for n, _ows, _v in lines):
+        assert got is head  # nothing removed: no copy

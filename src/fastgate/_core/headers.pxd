@@ -22,3 +22,6 @@ cdef class ResponseHead:
     cdef readonly int64_t content_length
     cdef readonly bint keep_alive
     cdef readonly object te
+
+
+cpdef bytes remove_headers(bytes head, object names)

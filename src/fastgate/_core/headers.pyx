@@ -867,3 +867,45 @@ cdef class ChunkedScanner:
                 self.state = C_DONE
                 return pos
         return -1
+
+
+cpdef bytes remove_headers(bytes head, object names):
+    """`head` (a status line and header lines, each ending CRLF) without the lines whose name —
+    lowercased, OWS stripped; a line without a colon is all name — is in `names` (lowercase bytes).
+    `head` itself when no line goes: the common case copies nothing."""
+    cdef const char* s = PyBytes_AS_STRING(head)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(head)
+    cdef Py_ssize_t i, e, j, a, b, k, kept = 0
+    cdef const char* hit
+    cdef list out = None
+    cdef bytes name
+    cdef char* w
+    hit = <const char*>memchr(s, 10, n)
+    if hit == NULL or not names:
+        return head
+    i = hit - s + 1  # the first header line
+    while i < n:
+        hit = <const char*>memchr(s + i, 10, n - i)
+        e = (hit - s) if hit != NULL else n  # this line's LF, or the end
+        j = e - 1 if e > i and s[e - 1] == 13 else e  # its content ends before CR
+        hit = <const char*>memchr(s + i, 58, j - i)
+        a = i
+        b = (hit - s) if hit != NULL else j
+        while a < b and _ows(<unsigned char>s[a]):
+            a += 1
+        while b > a and _ows(<unsigned char>s[b - 1]):
+            b -= 1
+        name = PyBytes_FromStringAndSize(NULL, b - a)
+        w = PyBytes_AS_STRING(name)
+        for k in range(b - a):
+            w[k] = <char>_lower(<unsigned char>s[a + k])
+        if name in names:
+            if out is None:
+                out = []
+            out.append(head[kept:i])
+            kept = e + 1 if e < n else n
+        i = e + 1
+    if out is None:
+        return head
+    out.append(head[kept:])
+    return b"".join(out)

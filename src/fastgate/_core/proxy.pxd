@@ -1,6 +1,6 @@
 from libc.stdint cimport uint64_t
 
-from .headers cimport RequestInfo, ResponseHead
+from .headers cimport RequestInfo, ResponseHead, remove_headers
 from .stats cimport RouteStats
 
 # The data plane's per-connection objects as cdef classes: one field access is a C struct read,

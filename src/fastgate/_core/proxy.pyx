@@ -1346,7 +1346,7 @@ cdef class GatewayProtocol:
             hook(ex, rh)
         head = rh.head
         if route.resp_remove or ex.resp_drop:
-            head = _remove_headers(head, route.resp_remove | ex.resp_drop if ex.resp_drop else route.resp_remove)
+            head = remove_headers(head, route.resp_remove | ex.resp_drop if ex.resp_drop else route.resp_remove)
         parts = [head]
         mode = rh.body_mode
         held = ex.capture is not None and not ex.capture.tee
@@ -1582,12 +1582,6 @@ cdef bint _valid_traceparent(bytes tp):
     if _TRACEPARENT(tp[:55]) is None:  # lowercase hex digits only (int(x, 16) would take 0x, _, signs)
         return False
     return tp[3:35] != b"0" * 32 and tp[36:52] != b"0" * 16
-
-
-cdef bytes _remove_headers(bytes head, object names):
-    lines = head.split(b"\r\n")
-    kept = [lines[0]] + [ln for ln in lines[1:] if ln.split(b":", 1)[0].strip().lower() not in names]
-    return b"\r\n".join(kept)
 
 
 cdef _done(Exchange ex):

@@ -31,8 +31,6 @@ def _positive(name, value):
 cdef class Limiter:
     """Limiter(table): the algorithms, counting in `table`."""
 
-    cdef SharedTable table
-
     def __cinit__(self, SharedTable table not None):
         self.table = table
 
@@ -41,7 +39,14 @@ cdef class Limiter:
         """Token bucket as GCRA: `burst` requests at once from a full bucket, then `rate` per `per_ns`."""
         if not rate > 0 or per_ns <= 0 or burst <= 0 or cost <= 0:
             _positive("rate", rate); _positive("per_ns", per_ns); _positive("burst", burst); _positive("cost", cost)
-        cdef int64_t now = now_ns or fg_monotonic_ns()
+        cdef int64_t remaining, retry_ns, reset_ns
+        cdef bint allowed = self.gcra_c(key, rate, per_ns, burst, cost, now_ns or fg_monotonic_ns(),
+                                        &remaining, &retry_ns, &reset_ns)
+        return allowed, remaining, retry_ns, reset_ns
+
+    cdef bint gcra_c(self, bytes key, double rate, int64_t per_ns, int64_t burst, int64_t cost, int64_t now,
+                     int64_t *remaining, int64_t *retry_ns, int64_t *reset_ns):
+        """`gcra` for C callers whose arguments are already checked (positive)."""
         cdef int64_t T = <int64_t>(<double>per_ns / rate)
         if T < 1:
             T = 1
@@ -50,17 +55,23 @@ cdef class Limiter:
         cdef int64_t tat = s.a if s.a > now else now
         cdef int64_t new_tat = tat + T * cost
         cdef int64_t allow_at = new_tat - tau
-        cdef int64_t remaining
+        cdef int64_t left
         if allow_at > now:
             if s.expires == 0:
                 s.expires = tat if tat > now else now + 1
             unlock_slot(s)
-            remaining = (tau - (tat - now)) // T
-            return False, remaining if remaining > 0 else 0, allow_at - now, tat - now
+            left = (tau - (tat - now)) // T
+            remaining[0] = left if left > 0 else 0
+            retry_ns[0] = allow_at - now
+            reset_ns[0] = tat - now
+            return False
         s.a = new_tat
         s.expires = new_tat
         unlock_slot(s)
-        return True, (now - allow_at) // T, 0, new_tat - now
+        remaining[0] = (now - allow_at) // T
+        retry_ns[0] = 0
+        reset_ns[0] = new_tat - now
+        return True
 
     token_bucket = gcra
 

@@ -102,7 +102,9 @@ class Chain:
     def __init__(self, policies: list, labels: list[str] | None = None):
         self.policies = tuple(policies)
         labels = labels or [type(p).__name__ for p in policies]
-        self.request = tuple(p.request for p in policies if getattr(p, "request", None) is not None)
+        # a policy may offer a compiled form of its request hook (`compiled_request`, _core/hooks.pyx)
+        self.request = tuple(getattr(p, "compiled_request", None) or p.request for p in policies
+                             if getattr(p, "request", None) is not None)
         self.request_names = tuple(label for p, label in zip(policies, labels, strict=True)
                                    if getattr(p, "request", None) is not None)
         self.response = tuple(p.response for p in policies if getattr(p, "response", None) is not None)

@@ -39,7 +39,7 @@ class RateLimitPolicy:
     phase = "limits"
     __slots__ = ("counters", "rate", "per", "burst", "sliding", "key_kind", "header", "prefix", "policy_line",
                  "window", "name", "metric_allowed", "metric_limited", "metric_unavailable", "fields_fmt",
-                 "gcra_ns", "per_ns")
+                 "gcra_ns", "per_ns", "compiled_request")
 
     def __init__(self, cfg: RateLimit, ctx):
         backend = cfg.backend
@@ -75,6 +75,16 @@ class RateLimitPolicy:
         self.fields_fmt = (self.policy_line.replace(b"%", b"%%") + state_field(self.name, 0, 0).replace(
             b"%", b"%%").replace(b";r=0;t=0", b";r=%d;t=%d") + x_fields(quota, 0, 0).replace(b"%", b"%%").replace(
             b"Remaining: 0", b"Remaining: %d").replace(b"Reset: 0", b"Reset: %d"))
+        # the hook the route runs: for the local token bucket, its compiled form (_core/hooks.pyx; this
+        # class's `request` is the reference it is tested against), else `request`
+        self.compiled_request = None
+        if self.gcra_ns is not None:
+            from .._core.hooks import LocalGcra
+
+            parts = tuple(p.replace(b"%%", b"%") for p in self.fields_fmt.split(b"%d"))
+            self.compiled_request = LocalGcra(
+                self.counters.limiter, self.rate, self.per_ns, self.burst, self.key_kind, self.prefix, self.header,
+                self.metric_allowed, self.metric_limited, parts, self._refuse).request
 
     def _key(self, ex) -> bytes:
         kind = self.key_kind
@@ -98,7 +108,7 @@ class RateLimitPolicy:
                 ex.resp_extra += lines
                 return None
             ex.proto.count(self.metric_limited)
-            return ex.reply(429, "rate_limited", lines + b"Retry-After: %d\r\n" % max(1, -(-retry_ns // NS)))
+            return self._refuse(ex, lines, retry_ns)
         try:
             if self.sliding:
                 r = self.counters.sliding_window(key, int(self.rate), self.per)
@@ -109,6 +119,10 @@ class RateLimitPolicy:
         if type(r) is tuple:
             return self._decide(ex, r)
         return self._later(ex, r)
+
+    @staticmethod
+    def _refuse(ex, lines: bytes, retry_ns: int):
+        return ex.reply(429, "rate_limited", lines + b"Retry-After: %d\r\n" % max(1, -(-retry_ns // NS)))
 
     async def _later(self, ex, awaitable):
         try:

@@ -1,0 +1,18 @@
+"""Compiled forms of the commonest policy hooks (see hooks.pyx)."""
+from collections.abc import Callable
+from typing import final
+
+from .proxy import Exchange
+from .ratelimit import Limiter
+
+KEY_KINDS: dict[str, int]
+
+@final
+class LocalGcra:
+    """RateLimitPolicy.request for a token bucket on this host's counters."""
+    def __init__(self, limiter: Limiter, rate: float, per_ns: int, burst: int, key_kind: str, prefix: bytes,
+                 header: bytes, metric_allowed: bytes, metric_limited: bytes,
+                 parts: tuple[bytes, bytes, bytes, bytes, bytes],
+                 refuse: Callable[[Exchange, bytes, int], bytes]) -> None: ...
+    def request(self, ex: Exchange) -> bytes | None:
+        """None: allowed (the rate-limit fields added to the response); else the 429 to send."""

@@ -1,0 +1,127 @@
+# cython: language_level=3
+"""Compiled forms of the commonest policy hooks: a route that has only these pays a C call per
+request for them, not a Python frame, its lookups and its formatting.
+
+  LocalGcra   the rate-limit policy (policies/limits.py) with a token bucket on this host's counters:
+              the key, the decision (ratelimit.Limiter.gcra_c, no result tuple), the five header
+              lines formatted into one buffer, the metric bumped
+
+The policy's Python `request` is the reference: tests/property/test_hooks.py runs both over the same
+requests and compares every answer, header line and metric."""
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int64_t
+from libc.string cimport memcpy
+
+from .proxy cimport Exchange, WorkerState
+from .ratelimit cimport Limiter
+from .shm cimport fg_monotonic_ns
+
+from .headers import find_header
+
+cdef int64_t NS = 1000000000
+
+cdef enum:
+    KEY_FIXED = 0  # one bucket for the route or API (key: route|api)
+    KEY_IP = 1
+    KEY_CONSUMER = 2  # the client's address when nobody authenticated
+    KEY_HEADER = 3
+
+KEY_KINDS = {"route": KEY_FIXED, "api": KEY_FIXED, "ip": KEY_IP, "consumer": KEY_CONSUMER, "header": KEY_HEADER}
+
+cdef enum:
+    BUF = 512  # the fields' bytes: the policy's five constant parts and four numbers fit in this
+
+
+cdef inline char* _put(char* p, bytes b):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    memcpy(p, PyBytes_AS_STRING(b), n)
+    return p + n
+
+
+cdef inline char* _put_int(char* p, int64_t v):
+    """`v` (>= 0) in decimal, as %d writes it."""
+    cdef char tmp[20]
+    cdef int n = 0
+    if v <= 0:
+        p[0] = 48
+        return p + 1
+    while v > 0:
+        tmp[n] = <char>(48 + v % 10)
+        v //= 10
+        n += 1
+    while n > 0:
+        n -= 1
+        p[0] = tmp[n]
+        p += 1
+    return p
+
+
+@cython.final
+cdef class LocalGcra:
+    """RateLimitPolicy.request for a token bucket on this host's counters (`request` is the hook)."""
+
+    cdef Limiter limiter
+    cdef double rate
+    cdef int64_t per_ns, burst
+    cdef int kind
+    cdef bytes prefix, header, metric_allowed, metric_limited
+    cdef bytes p0, p1, p2, p3, p4  # the fields around (remaining, reset, remaining, reset)
+    cdef Py_ssize_t fixed
+    cdef object refuse  # (ex, lines, retry_ns) -> the 429: rare, left to Python
+
+    def __init__(self, Limiter limiter not None, double rate, int64_t per_ns, int64_t burst, str key_kind,
+                 bytes prefix not None, bytes header not None, bytes metric_allowed not None,
+                 bytes metric_limited not None, tuple parts not None, refuse not None):
+        if not rate > 0 or per_ns <= 0 or burst <= 0:
+            raise ValueError("rate, per and burst must be positive")
+        if len(parts) != 5:
+            raise ValueError("the fields are five constant parts around four numbers")
+        self.limiter = limiter
+        self.rate, self.per_ns, self.burst = rate, per_ns, burst
+        self.kind = KEY_KINDS[key_kind]
+        self.prefix, self.header = prefix, header
+        self.metric_allowed, self.metric_limited = metric_allowed, metric_limited
+        self.p0, self.p1, self.p2, self.p3, self.p4 = parts
+        self.fixed = sum(len(p) for p in parts)
+        if self.fixed + 80 > BUF:
+            raise ValueError("rate-limit header fields too long for the compiled hook")
+        self.refuse = refuse
+
+    def request(self, Exchange ex):
+        cdef bytes key
+        cdef int64_t remaining, retry_ns, reset_ns, reset_s
+        cdef bint allowed
+        cdef char buf[BUF]
+        cdef char *p = buf
+        kind = self.kind
+        if kind == KEY_IP or (kind == KEY_CONSUMER and ex.consumer is None):
+            key = self.prefix + ex.client_ip
+        elif kind == KEY_CONSUMER:
+            key = self.prefix + ex.consumer.username.encode()
+        elif kind == KEY_HEADER:
+            key = self.prefix + (find_header(ex.headers, self.header) or b"")
+        else:
+            key = self.prefix
+        allowed = self.limiter.gcra_c(key, self.rate, self.per_ns, self.burst, 1, fg_monotonic_ns(),
+                                      &remaining, &retry_ns, &reset_ns)
+        reset_s = (reset_ns + NS - 1) // NS if reset_ns > 0 else 0
+        p = _put(p, self.p0)
+        p = _put_int(p, remaining)
+        p = _put(p, self.p1)
+        p = _put_int(p, reset_s)
+        p = _put(p, self.p2)
+        p = _put_int(p, remaining)
+        p = _put(p, self.p3)
+        p = _put_int(p, reset_s)
+        p = _put(p, self.p4)
+        lines = PyBytes_FromStringAndSize(buf, p - buf)
+        metrics = (<WorkerState>ex.proto._state).metrics
+        if allowed:
+            if metrics is not None:
+                metrics.pending[self.metric_allowed] += 1
+            ex.resp_extra = ex.resp_extra + lines
+            return None
+        if metrics is not None:
+            metrics.pending[self.metric_limited] += 1
+        return self.refuse(ex, lines, retry_ns)

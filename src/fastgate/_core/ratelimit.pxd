@@ -1,0 +1,15 @@
+# cython: language_level=3
+# The limiter's C entry points, for the compiled policy hooks (hooks.pyx) to call without a
+# Python call or a result tuple.
+cimport cython
+from libc.stdint cimport int64_t
+
+from .shm cimport SharedTable
+
+
+@cython.final
+cdef class Limiter:
+    cdef SharedTable table
+
+    cdef bint gcra_c(self, bytes key, double rate, int64_t per_ns, int64_t burst, int64_t cost, int64_t now,
+                     int64_t *remaining, int64_t *retry_ns, int64_t *reset_ns)
