@@ -81,3 +81,65 @@ def test_local_gcra_answers_as_the_policy_does(key, rate, seconds, burst, reques
     assert ma.pending == mb.pending
     if requests:
         assert sum(ma.pending.values()) == len(requests)  # every decision counted, allowed or limited
+
+
+# --- KeyAuth vs KeyAuthPolicy.request ---------------------------------------------------------------
+def key_auth(header: str | None, query: str | None, hide: bool, anonymous: str | None):
+    from fastgate.config.schema import KeyAuth
+    from fastgate.policies.auth import KeyAuthPolicy, hash_key
+
+    cfg = load_config({"consumers": [{"username": "ann", "keys": [hash_key("ka"), hash_key("kdup")]},
+                                     {"username": "bob", "keys": [hash_key("kb")]},
+                                     {"username": "eve", "keys": [hash_key("kdup")]},  # one key, two owners
+                                     {"username": "guest"}],
+                       "routes": [{"name": "r", "paths": ["/*"], "mock": {"body": "x"}}]})
+    return KeyAuthPolicy(KeyAuth(header=header, query=query, hide_credentials=hide, anonymous=anonymous),
+                         BuildContext(None, "r", None, cfg))
+
+
+HEADER_NAMES = [b"apikey", b"APIKey", b"x-api-key", b"X-Other"]
+KEYS = [b"ka", b"kb", b"kdup", b"wrong", b""]
+KEY_REQUEST = st.tuples(
+    st.lists(st.tuples(st.sampled_from(HEADER_NAMES), st.sampled_from(KEYS)), max_size=3),
+    st.sampled_from([b"", b"a=1", b"api_key=ka", b"apikey=kb", b"x=1&api_key=kb"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(header=st.sampled_from(["apikey", "X-API-Key"]), query=st.sampled_from([None, "api_key"]),
+       hide=st.booleans(), anonymous=st.sampled_from([None, "guest"]), requests=st.lists(KEY_REQUEST, max_size=8))
+def test_key_auth_answers_as_the_policy_does(header, query, hide, anonymous, requests):
+    pol = key_auth(header, query, hide, anonymous)
+    hook = pol.compiled_request
+    assert hook is not None and hook.__self__.__class__.__name__ == "KeyAuth"
+    (proto, _m), = [protocol()]
+    for n, (headers, qs) in enumerate(requests):
+        seen = []
+        for run in (hook, pol.request):
+            ex = Exchange(proto)
+            ex.headers = list(headers)
+            ex.query = qs
+            ex.request_id = b"rid-%d" % n
+            ex.keep_alive = True
+            answer = run(ex)
+            seen.append((answer, ex.consumer.username if ex.consumer is not None else None, ex.up_add, ex.query))
+        assert seen[0] == seen[1]
+
+
+def test_key_auth_hook_takes_a_known_key_itself():
+    """The compiled path, not a hand-over: a known key in the header never calls the policy."""
+    pol = key_auth("apikey", None, True, None)
+    calls = []
+    from fastgate._core.hooks import KeyAuth
+
+    hook = KeyAuth(b"apikey", pol.by_hash, None, lambda ex: calls.append(ex)).request
+    (proto, _m), = [protocol()]
+    ex = Exchange(proto)
+    ex.headers = [(b"ApiKey", b"kb")]
+    ex.query = b""
+    assert hook(ex) is None and ex.consumer.username == "bob" and calls == []
+    ex = Exchange(proto)
+    ex.headers = [(b"apikey", b"wrong")]
+    ex.query = b""
+    hook(ex)
+    assert calls == [ex]  # an unknown key: the policy answers

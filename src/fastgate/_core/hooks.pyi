@@ -16,3 +16,10 @@ class LocalGcra:
                  refuse: Callable[[Exchange, bytes, int], bytes]) -> None: ...
     def request(self, ex: Exchange) -> bytes | None:
         """None: allowed (the rate-limit fields added to the response); else the 429 to send."""
+
+@final
+class KeyAuth:
+    """KeyAuthPolicy.request for one known key in the header; every other case is the policy's."""
+    def __init__(self, header: bytes, by_hash: dict, directory: object | None,
+                 policy_request: Callable[[Exchange], bytes | None]) -> None: ...
+    def request(self, ex: Exchange) -> bytes | None: ...

@@ -5,9 +5,12 @@ request for them, not a Python frame, its lookups and its formatting.
   LocalGcra   the rate-limit policy (policies/limits.py) with a token bucket on this host's counters:
               the key, the decision (ratelimit.Limiter.gcra_c, no result tuple), the five header
               lines formatted into one buffer, the metric bumped
+  KeyAuth     the key-auth policy (policies/auth.py) for a request with its key in the header, one
+              key, known: the header scan in C, the hash, the lookups, the identity; every other
+              case (no key, several, unknown, a query string) is the policy's own answer
 
 The policy's Python `request` is the reference: tests/property/test_hooks.py runs both over the same
-requests and compares every answer, header line and metric."""
+requests and compares every answer, header line, identity and metric."""
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t
@@ -125,3 +128,52 @@ cdef class LocalGcra:
         if metrics is not None:
             metrics.pending[self.metric_limited] += 1
         return self.refuse(ex, lines, retry_ns)
+
+
+@cython.final
+cdef class KeyAuth:
+    """KeyAuthPolicy.request for its common case; `request` is the hook."""
+
+    cdef bytes header  # lowercase
+    cdef dict by_hash  # the config's keys: hex digest -> (consumer, credential id)
+    cdef object directory  # the store's keys (control/directory.py), or None
+    cdef object policy_request  # the policy's own hook: every answer that is not a plain hit
+    cdef object sha256
+
+    def __init__(self, bytes header not None, dict by_hash not None, directory, policy_request not None):
+        import hashlib
+
+        self.header = header.lower()
+        self.by_hash = by_hash
+        self.directory = directory
+        self.policy_request = policy_request
+        self.sha256 = hashlib.sha256
+
+    def request(self, Exchange ex):
+        cdef bytes value = None, name
+        cdef Py_ssize_t hl = len(self.header), count = 0, k
+        cdef const char* want = PyBytes_AS_STRING(self.header)
+        cdef const char* got
+        if ex.query:  # a key may be there (query:) or be refused there: the policy decides
+            return self.policy_request(ex)
+        for pair in ex.headers:
+            name = <bytes>(<tuple>pair)[0]
+            if PyBytes_GET_SIZE(name) != hl:
+                continue
+            got = PyBytes_AS_STRING(name)
+            for k in range(hl):
+                if got[k] != want[k] and not (65 <= got[k] <= 90 and got[k] + 32 == want[k]):
+                    break
+            else:
+                count += 1
+                value = <bytes>(<tuple>pair)[1]
+        if count != 1:  # none (anonymous, or 401) or several (401)
+            return self.policy_request(ex)
+        digest = self.sha256(value).hexdigest().encode()
+        hit = self.by_hash.get(digest)
+        if hit is None and self.directory is not None:
+            hit = self.directory.get(digest)
+        if hit is None:
+            return self.policy_request(ex)
+        ex.authenticated((<tuple>hit)[0], None, (<tuple>hit)[1])
+        return None

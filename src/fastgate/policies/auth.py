@@ -137,6 +137,13 @@ class KeyAuthPolicy:
                 continue
             # the credential identifier names the key without revealing it: a prefix of its hash
             self.by_hash[digest] = (infos[0], b"sha256:" + digest[:16])
+        # the hook the route runs: its compiled form for a key in the header (_core/hooks.pyx;
+        # `request` below is the reference it is tested against, and answers every other case)
+        self.compiled_request = None
+        if self.header is not None:
+            from .._core.hooks import KeyAuth
+
+            self.compiled_request = KeyAuth(self.header, self.by_hash, self.directory, self.request).request
 
     def request(self, ex):
         found = []
