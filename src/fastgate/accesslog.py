@@ -1,8 +1,10 @@
 """The access log: one JSON line per request, for operators and for billing.
 
-The hot path appends a tuple to a per-worker list; the worker's tick (about once a second, and
-when the list grows past BATCH) serialises the batch with msgspec (one call) and hands it to the kernel in
-one write() on a file opened O_APPEND, so lines from several workers never interleave. SIGUSR1
+The data plane formats each line in C (`_core/proxy.access_line`) and appends it to a per-worker
+list (`add`); the worker's tick (about once a second, and when the list grows past BATCH) hands the
+batch to the kernel in one write() on a file opened O_APPEND, so lines from several workers never
+interleave. `record` takes a row tuple instead and formats it here with msgspec: the reference the
+compiled lines are tested against (tests/property/test_access_line.py). SIGUSR1
 reopens the file (logrotate's postrotate). `sample` logs that share of requests; 4xx/5xx answers
 are always logged.
 
@@ -49,13 +51,14 @@ _ENCODER = msgspec.json.Encoder()
 
 
 class AccessLog:
-    __slots__ = ("path", "sample", "fd", "pending", "pid", "dropped")
+    __slots__ = ("path", "sample", "fd", "pending", "lines", "pid", "dropped")
 
     def __init__(self, path: str, sample: float = 1.0):
         self.path = path
         self.sample = sample
         self.pid = os.getpid()
         self.pending: list[tuple] = []
+        self.lines: list[bytes] = []  # formatted already (the data plane's)
         self.dropped = 0
         self.fd = -1
         self.reopen()
@@ -73,7 +76,16 @@ class AccessLog:
         if len(self.pending) >= BATCH:
             self.flush()
 
+    def add(self, line: bytes) -> None:
+        """A line the data plane formatted (sampling decided there too)."""
+        self.lines.append(line)
+        if len(self.lines) >= BATCH:
+            self.flush()
+
     def flush(self) -> None:
+        if self.lines:
+            lines, self.lines = self.lines, []
+            self._write(b"".join(lines), len(lines))
         if not self.pending:
             return
         rows, self.pending = self.pending, []
@@ -88,11 +100,13 @@ class AccessLog:
             out.append(Line(f"{prefix}.{int(t * 1000) % 1000:03d}Z", rid, trace, pid, client, method, path, route,
                             api, consumer, status, req_b, up_b, resp_b, gw_ms, up_ms))
         # one call for the batch: msgspec writes the lines ~10x faster than a dumps() per line
-        data = _ENCODER.encode_lines(out)
+        self._write(_ENCODER.encode_lines(out), len(rows))
+
+    def _write(self, data: bytes, n: int) -> None:
         try:
             os.write(self.fd, data)
         except OSError:  # a full disk must not take the worker down: count what was lost
-            self.dropped += len(rows)
+            self.dropped += n
 
     def close(self) -> None:
         self.flush()

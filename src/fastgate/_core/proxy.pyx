@@ -33,10 +33,21 @@ from time import time, time_ns
 import httptools
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint64_t
+from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct tm:
+        pass
+    tm* gmtime_r(const time_t* timep, tm* result)
+    size_t strftime(char* s, size_t max, const char* fmt, const tm* t)
 
 from .headers import ChunkedScanner, build_request_head, find_header, scan_request, scan_response_head
 from .router import normalize_path
@@ -1043,20 +1054,21 @@ cdef class GatewayProtocol:
                 metrics.dirty.append(rs)
             if ex.consumer is not None and self._state.consumer_label:
                 self._count_consumer(ex, status)
-            if ex.consumer is not None and self._state.usage is not None:
-                self._state.usage.record(ex.consumer, ex.route, status, elapsed)
+            usage = self._state.usage
+            if ex.consumer is not None and usage is not None:
+                count_usage(usage.pending, usage.hour, ex.consumer, ex.route, status, elapsed)
             alog = self._state.access_log
-            if alog is not None:
+            if alog is not None and (status >= 400 or alog.sample >= 1.0 or random() < alog.sample):
                 route = ex.route
                 consumer = ex.consumer
-                alog.record((time(), ex.request_id.decode("latin-1"),
-                             ex.trace[3:35].decode() if ex.trace else None, 0, ex.client_ip.decode(),
-                             ex.method.decode("latin-1"), ex.path.decode("latin-1"),
-                             route.name if route is not None else None, route.api if route is not None else None,
-                             consumer.username if consumer is not None else None, status, ex.body_bytes,
-                             ex.upstream_bytes if ex.t_up >= 0 else None,
-                             len(ex.local) if ex.local else None, round(elapsed * 1000, 3),
-                             round(upstream * 1000, 3) if upstream >= 0 else None), status)
+                alog.add(access_line(_realtime(), ex.request_id, ex.trace[3:35] if ex.trace else None, alog.pid,
+                                     ex.client_ip, ex.method, ex.path,
+                                     route.name if route is not None else None,
+                                     route.api if route is not None else None,
+                                     consumer.username if consumer is not None else None, status, ex.body_bytes,
+                                     ex.upstream_bytes if ex.t_up >= 0 else -1,
+                                     len(ex.local) if ex.local else -1, elapsed * 1000,
+                                     upstream * 1000 if upstream >= 0 else -1.0))
         spans = self._state.spans
         if spans is not None and ex.trace is not None and ex.t0 and int(ex.trace[53:55], 16) & 1:
             end = time_ns()
@@ -1605,3 +1617,149 @@ cdef _keep_sent(Exchange ex, list frames):
         ex.sent = None
     else:
         ex.sent += frames
+
+
+
+# --- the access log's lines (accesslog.py writes them; its Python formatting is the reference) -----
+cdef double _realtime() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef const char* _HEX = b"0123456789abcdef"
+cdef long _ts_sec = -1
+cdef char _ts_prefix[24]  # "YYYY-MM-DDTHH:MM:SS" of _ts_sec: one strftime per second of traffic
+
+
+cdef inline char* _json_str(char* w, const unsigned char* s, Py_ssize_t n, bint latin1) noexcept:
+    """A JSON string of `s`: bytes as Latin-1 (each byte one character, as bytes.decode("latin-1")),
+    or UTF-8 already (str values), escaped as JSON requires."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    w[0] = 34
+    w += 1
+    for i in range(n):
+        c = s[i]
+        if c == 34 or c == 92:
+            w[0] = 92
+            w[1] = c
+            w += 2
+        elif c < 32:
+            w[0] = 92
+            w[1] = 117
+            w[2] = 48
+            w[3] = 48
+            w[4] = _HEX[c >> 4]
+            w[5] = _HEX[c & 15]
+            w += 6
+        elif c >= 128 and latin1:
+            w[0] = 0xC0 | (c >> 6)
+            w[1] = 0x80 | (c & 0x3F)
+            w += 2
+        else:
+            w[0] = c
+            w += 1
+    w[0] = 34
+    return w + 1
+
+
+cdef inline char* _json_lit(char* w, const char* lit) noexcept:
+    while lit[0]:
+        w[0] = lit[0]
+        w += 1
+        lit += 1
+    return w
+
+
+cdef inline char* _json_opt_str(char* w, object v) except NULL:
+    cdef Py_ssize_t n
+    cdef const char* u
+    if v is None:
+        return _json_lit(w, b"null")
+    if type(v) is bytes:
+        return _json_str(w, <const unsigned char*>PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), True)
+    u = PyUnicode_AsUTF8AndSize(v, &n)
+    return _json_str(w, <const unsigned char*>u, n, False)
+
+
+cdef inline Py_ssize_t _json_len(object v) except -1:
+    if v is None:
+        return 4
+    if type(v) is bytes:
+        return PyBytes_GET_SIZE(v)
+    return len((<str>v).encode())
+
+
+cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker, bytes client_ip, bytes method,
+                        bytes path, object route, object api, object consumer, long status, Py_ssize_t request_bytes,
+                        Py_ssize_t upstream_bytes, Py_ssize_t response_bytes, double gateway_ms,
+                        double upstream_ms):
+    """One access-log line (JSON, newline-terminated; accesslog.FIELDS in order). Bytes values are
+    read as Latin-1; -1 for upstream_bytes, response_bytes or upstream_ms is null; the two times are
+    written with three decimals, as round(x, 3) gives them."""
+    global _ts_sec
+    cdef long sec = <long>t
+    cdef time_t tt = sec
+    cdef tm parts
+    cdef Py_ssize_t cap = 420 + 6 * (_json_len(request_id) + _json_len(trace_id) + _json_len(client_ip)
+                                     + _json_len(method) + _json_len(path) + _json_len(route) + _json_len(api)
+                                     + _json_len(consumer))
+    cdef char small[2048]
+    cdef char* buf = small
+    cdef char* w
+    if cap > 2048:
+        buf = <char*>PyMem_Malloc(cap)
+        if buf == NULL:
+            raise MemoryError()
+    try:
+        if sec != _ts_sec:
+            gmtime_r(&tt, &parts)
+            strftime(_ts_prefix, sizeof(_ts_prefix), b"%Y-%m-%dT%H:%M:%S", &parts)
+            _ts_sec = sec
+        w = buf
+        w += snprintf(w, 64, b'{"ts":"%s.%03dZ","request_id":', _ts_prefix, <int>(<long long>(t * 1000) % 1000))
+        w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(request_id), PyBytes_GET_SIZE(request_id), True)
+        w = _json_lit(w, b',"trace_id":')
+        w = _json_opt_str(w, trace_id)
+        w += snprintf(w, 40, b',"worker":%ld,"client_ip":', worker)
+        w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(client_ip), PyBytes_GET_SIZE(client_ip), True)
+        w = _json_lit(w, b',"method":')
+        w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method), True)
+        w = _json_lit(w, b',"path":')
+        w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(path), PyBytes_GET_SIZE(path), True)
+        w = _json_lit(w, b',"route":')
+        w = _json_opt_str(w, route)
+        w = _json_lit(w, b',"api":')
+        w = _json_opt_str(w, api)
+        w = _json_lit(w, b',"consumer":')
+        w = _json_opt_str(w, consumer)
+        w += snprintf(w, 80, b',"status":%ld,"request_bytes":%zd,"upstream_bytes":', status, request_bytes)
+        w += snprintf(w, 24, b"%zd", upstream_bytes) if upstream_bytes >= 0 else snprintf(w, 8, b"null")
+        w = _json_lit(w, b',"response_bytes":')
+        w += snprintf(w, 24, b"%zd", response_bytes) if response_bytes >= 0 else snprintf(w, 8, b"null")
+        w += snprintf(w, 48, b',"gateway_ms":%.3f,"upstream_ms":', gateway_ms)
+        w += snprintf(w, 40, b"%.3f", upstream_ms) if upstream_ms >= 0 else snprintf(w, 8, b"null")
+        w = _json_lit(w, b"}\n")
+        return PyBytes_FromStringAndSize(buf, w - buf)
+    finally:
+        if buf != small:
+            PyMem_Free(buf)
+
+
+
+cpdef count_usage(dict pending, object hour, object consumer, object route, int status, double seconds):
+    """control/analytics.count_usage (the reference, which the recorders' own `record` uses), for
+    the data plane: one answered request into a usage recorder's pending counts,
+    (hour, consumer, plan, api) -> [requests, errors, µs]."""
+    cdef list c
+    if consumer is None:
+        return
+    key = (hour, consumer.username, consumer.plan or "", (route.api or "") if route is not None else "")
+    c = pending.get(key)
+    if c is None:
+        c = pending[key] = [0, 0, 0]
+    c[0] += 1
+    if status >= 400:
+        c[1] += 1
+    c[2] += <long long>(seconds * 1e6)

@@ -1,0 +1,80 @@
+"""The data plane's access-log lines (_core/proxy.access_line, formatted in C) against the
+reference: accesslog.AccessLog.record + flush, which formats the same row with msgspec."""
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastgate._core.proxy import access_line
+from fastgate.accesslog import AccessLog
+
+TEXT = st.binary(max_size=24)  # any byte: quotes, backslashes, controls, Latin-1
+NAME = st.none() | st.text(max_size=12)  # route, api, consumer: any str (UTF-8 out)
+MS = st.floats(min_value=0, max_value=1e7, allow_nan=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(t=st.floats(min_value=0, max_value=4e9, allow_nan=False), rid=TEXT, trace=st.none() | TEXT,
+       pid=st.integers(1, 2**22), client=TEXT, method=TEXT, path=TEXT, route=NAME, api=NAME, consumer=NAME,
+       status=st.integers(100, 599), req_b=st.integers(0, 2**40), up_b=st.none() | st.integers(0, 2**40),
+       resp_b=st.none() | st.integers(0, 2**40), gw=MS, up=st.none() | MS)
+def test_access_line_matches_the_reference(tmp_path_factory, t, rid, trace, pid, client, method, path, route,
+                                           api, consumer, status, req_b, up_b, resp_b, gw, up):
+    compiled = access_line(t, rid, trace, pid, client, method, path, route, api, consumer, status, req_b,
+                           -1 if up_b is None else up_b, -1 if resp_b is None else resp_b, gw,
+                           -1.0 if up is None else up)
+    assert compiled.endswith(b"\n") and compiled.count(b"\n") == 1
+    out = tmp_path_factory.mktemp("al") / "a.log"
+    ref = AccessLog(str(out))
+    ref.pid = pid
+    ref.record((t, rid.decode("latin-1"), trace.decode("latin-1") if trace is not None else None, 0,
+                client.decode("latin-1"), method.decode("latin-1"), path.decode("latin-1"), route, api, consumer,
+                status, req_b, up_b, resp_b, round(gw, 3), round(up, 3) if up is not None else None), status)
+    ref.close()
+    assert json.loads(compiled) == json.loads(out.read_bytes())
+    assert list(json.loads(compiled)) == list(json.loads(out.read_bytes()))  # the same field order
+
+
+def test_lines_added_are_written_in_one_batch(tmp_path):
+    out = tmp_path / "a.log"
+    log = AccessLog(str(out))
+    lines = [access_line(1.5e9, b"r%d" % i, None, 7, b"127.0.0.1", b"GET", b"/x", "r", None, None, 200, 0, 10, -1,
+                         0.25, 0.125) for i in range(3)]
+    for line in lines:
+        log.add(line)
+    assert out.read_bytes() == b""  # kept until the tick (or BATCH lines)
+    log.flush()
+    assert out.read_bytes() == b"".join(lines)
+    first = json.loads(lines[0])
+    assert first["ts"] == "2017-07-14T02:40:00.000Z" and first["gateway_ms"] == 0.25 and first["response_bytes"] is None
+    log.close()
+
+
+# --- the usage ledger's per-request count, compiled (proxy.count_usage) vs control/analytics.py -----
+class Who:
+    def __init__(self, username, plan):
+        self.username, self.plan = username, plan
+
+
+class Where:
+    def __init__(self, api):
+        self.api = api
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(490000, 490003), st.none() | st.sampled_from(["ann", "bob"]),
+                          st.sampled_from([None, "", "gold"]), st.none() | st.sampled_from([None, "", "billing"]),
+                          st.integers(100, 599), st.floats(0, 100, allow_nan=False)), max_size=40))
+def test_count_usage_matches_the_reference(requests):
+    from fastgate._core.proxy import count_usage
+    from fastgate.control.analytics import count_usage as reference
+
+    got, want = {}, {}
+    for hour, user, plan, api, status, seconds in requests:
+        consumer = Who(user, plan) if user is not None else None
+        route = Where(api) if api is not None else None
+        count_usage(got, hour, consumer, route, status, seconds)
+        reference(want, hour, consumer, route, status, seconds)
+    assert got == want
