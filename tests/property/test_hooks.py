@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -143,3 +144,83 @@ def test_key_auth_hook_takes_a_known_key_itself():
     ex.query = b""
     hook(ex)
     assert calls == [ex]  # an unknown key: the policy answers
+
+
+# --- JwtCached vs JwtPolicy.request ------------------------------------------------------------------
+SECRET = "a-test-secret-of-at-least-thirty-two-bytes!"
+
+
+def jwt_policy(header: str, claims_to_headers: dict):
+    from fastgate.config.schema import Jwt
+    from fastgate.policies.jwt import JwtPolicy
+
+    cfg = load_config({"consumers": [{"username": "u1"}],
+                       "routes": [{"name": "r", "paths": ["/*"], "mock": {"body": "x"}}]})
+    import msgspec
+
+    os.environ["FG_HOOKS_TEST_SECRET"] = SECRET
+    spec = msgspec.convert({"type": "jwt", "keys": [{"algorithm": "HS256", "secret_env": "FG_HOOKS_TEST_SECRET"}],
+                            "header": header,
+                            "claims_to_headers": claims_to_headers}, Jwt)
+    return JwtPolicy(spec, BuildContext(None, "r", None, cfg, {}))
+
+
+def tokens():
+    import time
+
+    import jwt as pyjwt
+
+    now = int(time.time())
+    return [pyjwt.encode({"sub": "u1", "exp": now + 600, "scope": "read"}, SECRET, algorithm="HS256").encode(),
+            pyjwt.encode({"sub": "u2", "exp": now + 600, "team": "blue", "jti": "j2"}, SECRET,
+                         algorithm="HS256").encode(),
+            pyjwt.encode({"exp": now + 600}, SECRET, algorithm="HS256").encode(),  # nobody: claims only
+            pyjwt.encode({"sub": "u1", "exp": now - 600}, SECRET, algorithm="HS256").encode(),  # expired
+            pyjwt.encode({"sub": "u1", "exp": now + 600}, "another-secret-of-at-least-32-bytes!!",
+                         algorithm="HS256").encode(),  # not ours
+            b"not-a-token"]
+
+
+TOKENS = tokens()
+CARRIER = st.lists(st.tuples(st.sampled_from([b"authorization", b"Authorization", b"x-token"]),
+                             st.sampled_from([b"Bearer ", b"bearer  ", b"Basic ", b""]),
+                             st.sampled_from(range(len(TOKENS))), st.sampled_from([b"", b" "])), max_size=2)
+
+
+@settings(max_examples=120, deadline=None)
+@given(header=st.sampled_from(["Authorization", "X-Token"]), to_headers=st.sampled_from([{}, {"team": "X-Team"}]),
+       requests=st.lists(CARRIER, max_size=10))
+def test_jwt_cached_answers_as_the_policy_does(header, to_headers, requests):
+    compiled, reference = jwt_policy(header, to_headers), jwt_policy(header, to_headers)
+    hook = compiled.compiled_request
+    assert hook is not None and hook.__self__.__class__.__name__ == "JwtCached"
+    (proto, _m), = [protocol()]
+    for n, carriers in enumerate(requests):
+        seen = []
+        for run in (hook, reference.request):
+            ex = Exchange(proto)
+            ex.headers = [(name, scheme + TOKENS[i] + pad) for name, scheme, i, pad in carriers]
+            ex.query = b""
+            ex.request_id = b"rid-%d" % n
+            ex.keep_alive = True
+            answer = run(ex)
+            seen.append((answer, ex.consumer.username if ex.consumer is not None else None, ex.claims, ex.up_add))
+        assert seen[0] == seen[1]
+    assert list(compiled.cache) == list(reference.cache)  # the same tokens, in the same LRU order
+
+
+def test_jwt_cached_answers_a_cached_token_itself():
+    pol = jwt_policy("Authorization", {})
+    from fastgate._core.hooks import JwtCached
+
+    calls = []
+    hook = JwtCached(b"authorization", True, 8192, pol.cache, lambda ex: calls.append(ex)).request
+    (proto, _m), = [protocol()]
+    ex = Exchange(proto)
+    ex.headers = [(b"Authorization", b"Bearer " + TOKENS[0])]
+    ex.query = b""
+    assert pol.request(ex) is None  # verified once: cached
+    ex = Exchange(proto)
+    ex.headers = [(b"authorization", b"Bearer " + TOKENS[0])]
+    ex.query = b""
+    assert hook(ex) is None and calls == [] and ex.consumer.username == "u1"

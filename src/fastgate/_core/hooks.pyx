@@ -8,6 +8,9 @@ request for them, not a Python frame, its lookups and its formatting.
   KeyAuth     the key-auth policy (policies/auth.py) for a request with its key in the header, one
               key, known: the header scan in C, the hash, the lookups, the identity; every other
               case (no key, several, unknown, a query string) is the policy's own answer
+  JwtCached   the jwt policy (policies/jwt.py) for a token in its header that the verified-token
+              cache holds, alive (offered only by a policy with no revocation list, required scopes,
+              query or cookie carrier); every other case (verification, refusals) is the policy's
 
 The policy's Python `request` is the reference: tests/property/test_hooks.py runs both over the same
 requests and compares every answer, header line, identity and metric."""
@@ -176,4 +179,80 @@ cdef class KeyAuth:
         if hit is None:
             return self.policy_request(ex)
         ex.authenticated((<tuple>hit)[0], None, (<tuple>hit)[1])
+        return None
+
+
+cdef inline bint _name_is(bytes name, bytes want) noexcept:
+    """`name.lower() == want` for a lowercase `want`, without making the lowercase copy."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(want), k
+    cdef const char* a
+    cdef const char* b
+    cdef char c
+    if PyBytes_GET_SIZE(name) != n:
+        return False
+    a = PyBytes_AS_STRING(name)
+    b = PyBytes_AS_STRING(want)
+    for k in range(n):
+        c = a[k]
+        if 65 <= c <= 90:
+            c += 32
+        if c != b[k]:
+            return False
+    return True
+
+
+@cython.final
+cdef class JwtCached:
+    """JwtPolicy.request when its verified-token cache answers; `request` is the hook."""
+
+    cdef bytes header  # lowercase
+    cdef bint bearer
+    cdef Py_ssize_t max_bytes
+    cdef object cache  # the policy's OrderedDict: token -> (valid until, claims, consumer, key, adds, cred, jti)
+    cdef object move_to_end
+    cdef object policy_request
+    cdef object wall  # time.time
+
+    def __init__(self, bytes header not None, bint bearer, Py_ssize_t max_bytes, cache not None,
+                 policy_request not None):
+        import time
+
+        self.header = header.lower()
+        self.bearer = bearer
+        self.max_bytes = max_bytes
+        self.cache = cache
+        self.move_to_end = cache.move_to_end
+        self.policy_request = policy_request
+        self.wall = time.time
+
+    def request(self, Exchange ex):
+        cdef bytes value = None, token
+        cdef Py_ssize_t count = 0
+        cdef tuple hit
+        for pair in ex.headers:
+            if _name_is(<bytes>(<tuple>pair)[0], self.header):
+                count += 1
+                value = <bytes>(<tuple>pair)[1]
+        if count != 1:
+            return self.policy_request(ex)
+        if self.bearer:
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() != b"bearer":
+                return self.policy_request(ex)
+            token = token.strip()
+        else:
+            token = value.strip()
+        if not token or PyBytes_GET_SIZE(token) > self.max_bytes:
+            return self.policy_request(ex)
+        hit = self.cache.get(token)
+        if hit is None or not (hit[0] > self.wall() and hit[3].alive):
+            return self.policy_request(ex)  # not verified yet, expired, or its key is gone
+        self.move_to_end(token)
+        consumer = hit[2]
+        if consumer is not None:
+            ex.authenticated(consumer, hit[1], hit[5])
+        else:
+            ex.claims = hit[1]
+        for name, v in <tuple>hit[4]:
+            ex.add_upstream_header(name, v)
         return None

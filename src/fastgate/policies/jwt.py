@@ -276,6 +276,16 @@ class JwtPolicy:
                         "verify_iss": cfg.issuer is not None}
         # token → (valid until (wall clock), claims, consumer or None, key, upstream headers)
         self.cache: collections.OrderedDict = collections.OrderedDict()
+        # the hook the routes run: its compiled form answers a cached token in the header when there
+        # is nothing else to check (no revocation list, no required scopes, no query or cookie
+        # carrier); `request` is the reference it is tested against, and answers every other case
+        self.compiled_request = None
+        if self.header is not None and cfg.query is None and self.cookie is None and not self.scopes \
+                and not cfg.check_revoked:
+            from .._core.hooks import JwtCached
+
+            self.compiled_request = JwtCached(self.header, self.bearer, cfg.max_token_bytes, self.cache,
+                                              self.request).request
 
     # --- the token ------------------------------------------------------------------------------------
     def _token(self, ex):
