@@ -224,3 +224,56 @@ def test_jwt_cached_answers_a_cached_token_itself():
     ex.headers = [(b"authorization", b"Bearer " + TOKENS[0])]
     ex.query = b""
     assert hook(ex) is None and calls == [] and ex.consumer.username == "u1"
+
+
+# --- RedisLease vs RateLimitPolicy.request on Redis counters in lease mode -------------------------
+def lease_policy(cfg: RateLimit):
+    """The policy over Redis counters that never connect: a key without a usable lease takes the
+    counters' outage path (fail_open: admitted), the same for both runs."""
+    from fastgate.counters.redis import RedisCounters
+
+    redis = RedisCounters("redis://127.0.0.1:1/0", mode="lease", lease_size=5)
+    redis._loop = _loop
+    return RateLimitPolicy(cfg, BuildContext(Counters(LocalCounters(SharedTable(64)), redis), "r", None)), redis
+
+
+# (tokens, expires in, Redis's remaining, reset in): times far from the moment either run reads the clock
+LEASE = st.none() | st.tuples(st.integers(0, 4), st.sampled_from([-1.0, 0.5, 3.0]), st.integers(0, 50),
+                              st.sampled_from([-1.0, 0.5, 2.5, 30.0]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=st.sampled_from(["ip", "consumer", "route"]), leases=st.dictionaries(
+           st.sampled_from([b"10.0.0.1", b"10.0.0.2"]), LEASE, max_size=2),
+       requests=st.lists(st.tuples(st.sampled_from([b"10.0.0.1", b"10.0.0.2"]), st.sampled_from([None, "ann"])),
+                         max_size=12))
+def test_redis_lease_answers_as_the_policy_does(key, leases, requests):
+    from fastgate.counters.redis import _GCRA, _Lease
+
+    cfg = RateLimit(rate=10, per=1, burst=20, key=key, backend="redis")
+    (compiled, ca), (reference, cb) = lease_policy(cfg), lease_policy(cfg)
+    hook = compiled.compiled_request
+    assert hook is not None and hook.__self__.__class__.__name__ == "RedisLease"
+    now = _loop.time()
+    for counters, pol in ((ca, compiled), (cb, reference)):
+        for ip, lease in leases.items():
+            if lease is None:
+                continue
+            tokens, expires_in, remaining, reset_in = lease
+            who = pol.prefix + (ip if key != "route" else b"")
+            le = counters._gcra_leases[who] = _Lease(_GCRA, (who, 10, 1.0, 20), b"", 1.0)
+            le.tokens, le.expires, le.remaining, le.reset_at = tokens, now + expires_in, remaining, now + reset_in
+    (pa, ma), (pb, mb) = protocol(), protocol()
+    for n, (ip, user) in enumerate(requests):
+        seen = []
+        for proto, run in ((pa, hook), (pb, reference.request)):
+            ex = Exchange(proto)
+            ex.client_ip = ip
+            ex.consumer = User(user) if user else None
+            ex.request_id = b"rid-%d" % n
+            ex.keep_alive = True
+            answer = run(ex)
+            seen.append((answer, ex.resp_extra))
+        assert seen[0] == seen[1]
+    assert ma.pending == mb.pending
+    assert {k: v.tokens for k, v in ca._gcra_leases.items()} == {k: v.tokens for k, v in cb._gcra_leases.items()}

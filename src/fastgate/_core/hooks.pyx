@@ -5,6 +5,8 @@ request for them, not a Python frame, its lookups and its formatting.
   LocalGcra   the rate-limit policy (policies/limits.py) with a token bucket on this host's counters:
               the key, the decision (ratelimit.Limiter.gcra_c, no result tuple), the five header
               lines formatted into one buffer, the metric bumped
+  RedisLease  the same policy on the Redis counters in lease mode, while this worker holds leased
+              tokens for the key: spent here as counters/redis.py spends them
   KeyAuth     the key-auth policy (policies/auth.py) for a request with its key in the header, one
               key, known: the header scan in C, the hash, the lookups, the identity; every other
               case (no key, several, unknown, a query string) is the policy's own answer
@@ -16,6 +18,7 @@ The policy's Python `request` is the reference: tests/property/test_hooks.py run
 requests and compares every answer, header line, identity and metric."""
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.math cimport ceil
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 
@@ -63,55 +66,39 @@ cdef inline char* _put_int(char* p, int64_t v):
     return p
 
 
-@cython.final
-cdef class LocalGcra:
-    """RateLimitPolicy.request for a token bucket on this host's counters (`request` is the hook)."""
+cdef class _Limit:
+    """What the rate-limit hooks share: the bucket's key for a request, the five header lines."""
 
-    cdef Limiter limiter
-    cdef double rate
-    cdef int64_t per_ns, burst
     cdef int kind
     cdef bytes prefix, header, metric_allowed, metric_limited
     cdef bytes p0, p1, p2, p3, p4  # the fields around (remaining, reset, remaining, reset)
-    cdef Py_ssize_t fixed
-    cdef object refuse  # (ex, lines, retry_ns) -> the 429: rare, left to Python
+    cdef object policy_request  # the policy's own hook, for what the compiled one leaves to it
 
-    def __init__(self, Limiter limiter not None, double rate, int64_t per_ns, int64_t burst, str key_kind,
-                 bytes prefix not None, bytes header not None, bytes metric_allowed not None,
-                 bytes metric_limited not None, tuple parts not None, refuse not None):
-        if not rate > 0 or per_ns <= 0 or burst <= 0:
-            raise ValueError("rate, per and burst must be positive")
+    cdef _setup(self, str key_kind, bytes prefix, bytes header, bytes metric_allowed, bytes metric_limited,
+                tuple parts, policy_request):
         if len(parts) != 5:
             raise ValueError("the fields are five constant parts around four numbers")
-        self.limiter = limiter
-        self.rate, self.per_ns, self.burst = rate, per_ns, burst
+        if sum(len(p) for p in parts) + 80 > BUF:
+            raise ValueError("rate-limit header fields too long for the compiled hook")
         self.kind = KEY_KINDS[key_kind]
         self.prefix, self.header = prefix, header
         self.metric_allowed, self.metric_limited = metric_allowed, metric_limited
         self.p0, self.p1, self.p2, self.p3, self.p4 = parts
-        self.fixed = sum(len(p) for p in parts)
-        if self.fixed + 80 > BUF:
-            raise ValueError("rate-limit header fields too long for the compiled hook")
-        self.refuse = refuse
+        self.policy_request = policy_request
 
-    def request(self, Exchange ex):
-        cdef bytes key
-        cdef int64_t remaining, retry_ns, reset_ns, reset_s
-        cdef bint allowed
-        cdef char buf[BUF]
-        cdef char *p = buf
+    cdef bytes _key(self, Exchange ex):
         kind = self.kind
         if kind == KEY_IP or (kind == KEY_CONSUMER and ex.consumer is None):
-            key = self.prefix + ex.client_ip
-        elif kind == KEY_CONSUMER:
-            key = self.prefix + ex.consumer.username.encode()
-        elif kind == KEY_HEADER:
-            key = self.prefix + (find_header(ex.headers, self.header) or b"")
-        else:
-            key = self.prefix
-        allowed = self.limiter.gcra_c(key, self.rate, self.per_ns, self.burst, 1, fg_monotonic_ns(),
-                                      &remaining, &retry_ns, &reset_ns)
-        reset_s = (reset_ns + NS - 1) // NS if reset_ns > 0 else 0
+            return self.prefix + ex.client_ip
+        if kind == KEY_CONSUMER:
+            return self.prefix + ex.consumer.username.encode()
+        if kind == KEY_HEADER:
+            return self.prefix + (find_header(ex.headers, self.header) or b"")
+        return self.prefix
+
+    cdef bytes _fields(self, int64_t remaining, int64_t reset_s):
+        cdef char buf[BUF]
+        cdef char *p = buf
         p = _put(p, self.p0)
         p = _put_int(p, remaining)
         p = _put(p, self.p1)
@@ -121,16 +108,81 @@ cdef class LocalGcra:
         p = _put(p, self.p3)
         p = _put_int(p, reset_s)
         p = _put(p, self.p4)
-        lines = PyBytes_FromStringAndSize(buf, p - buf)
+        return PyBytes_FromStringAndSize(buf, p - buf)
+
+    cdef _allowed(self, Exchange ex, bytes lines):
         metrics = (<WorkerState>ex.proto._state).metrics
+        if metrics is not None:
+            metrics.pending[self.metric_allowed] += 1
+        ex.resp_extra = ex.resp_extra + lines
+
+
+@cython.final
+cdef class LocalGcra(_Limit):
+    """RateLimitPolicy.request for a token bucket on this host's counters (`request` is the hook)."""
+
+    cdef Limiter limiter
+    cdef double rate
+    cdef int64_t per_ns, burst
+
+    def __init__(self, Limiter limiter not None, double rate, int64_t per_ns, int64_t burst, str key_kind,
+                 bytes prefix not None, bytes header not None, bytes metric_allowed not None,
+                 bytes metric_limited not None, tuple parts not None, refuse not None):
+        if not rate > 0 or per_ns <= 0 or burst <= 0:
+            raise ValueError("rate, per and burst must be positive")
+        self._setup(key_kind, prefix, header, metric_allowed, metric_limited, parts, refuse)
+        self.limiter = limiter
+        self.rate, self.per_ns, self.burst = rate, per_ns, burst
+
+    def request(self, Exchange ex):
+        cdef int64_t remaining, retry_ns, reset_ns, reset_s
+        cdef bint allowed
+        key = self._key(ex)
+        allowed = self.limiter.gcra_c(key, self.rate, self.per_ns, self.burst, 1, fg_monotonic_ns(),
+                                      &remaining, &retry_ns, &reset_ns)
+        reset_s = (reset_ns + NS - 1) // NS if reset_ns > 0 else 0
+        lines = self._fields(remaining, reset_s)
         if allowed:
-            if metrics is not None:
-                metrics.pending[self.metric_allowed] += 1
-            ex.resp_extra = ex.resp_extra + lines
+            self._allowed(ex, lines)
             return None
+        metrics = (<WorkerState>ex.proto._state).metrics
         if metrics is not None:
             metrics.pending[self.metric_limited] += 1
-        return self.refuse(ex, lines, retry_ns)
+        return self.policy_request(ex, lines, retry_ns)  # the policy's _refuse: the 429
+
+
+@cython.final
+cdef class RedisLease(_Limit):
+    """RateLimitPolicy.request for a token bucket on the Redis counters in lease mode, while this
+    worker holds leased tokens for the key (counters/redis.py's fast path); no lease, an empty or an
+    expired one is the policy's (a fetch, a shared fetch, a recent refusal)."""
+
+    cdef dict leases  # the counters' {key: _Lease}
+    cdef object counters
+
+    def __init__(self, counters not None, str key_kind, bytes prefix not None, bytes header not None,
+                 bytes metric_allowed not None, bytes metric_limited not None, tuple parts not None,
+                 policy_request not None):
+        self._setup(key_kind, prefix, header, metric_allowed, metric_limited, parts, policy_request)
+        self.counters = counters
+        self.leases = counters._gcra_leases
+
+    def request(self, Exchange ex):
+        cdef double now, left
+        cdef int64_t remaining, reset_s
+        key = self._key(ex)
+        lease = self.leases.get(key)
+        if lease is None or lease.tokens < 1:
+            return self.policy_request(ex)
+        now = self.counters._loop.time()
+        if not now < lease.expires:
+            return self.policy_request(ex)
+        lease.tokens -= 1
+        left = lease.reset_at - now
+        remaining = lease.tokens + lease.remaining
+        reset_s = <int64_t>ceil(left) if left > 0.0 else 0
+        self._allowed(ex, self._fields(remaining, reset_s))
+        return None
 
 
 @cython.final

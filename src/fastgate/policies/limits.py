@@ -78,13 +78,18 @@ class RateLimitPolicy:
         # the hook the route runs: for the local token bucket, its compiled form (_core/hooks.pyx; this
         # class's `request` is the reference it is tested against), else `request`
         self.compiled_request = None
+        parts = tuple(p.replace(b"%%", b"%") for p in self.fields_fmt.split(b"%d"))
         if self.gcra_ns is not None:
             from .._core.hooks import LocalGcra
 
-            parts = tuple(p.replace(b"%%", b"%") for p in self.fields_fmt.split(b"%d"))
             self.compiled_request = LocalGcra(
                 self.counters.limiter, self.rate, self.per_ns, self.burst, self.key_kind, self.prefix, self.header,
                 self.metric_allowed, self.metric_limited, parts, self._refuse).request
+        elif not self.sliding and getattr(self.counters, "lease", False) and hasattr(self.counters, "_gcra_leases"):
+            from .._core.hooks import RedisLease
+
+            self.compiled_request = RedisLease(self.counters, self.key_kind, self.prefix, self.header,
+                                               self.metric_allowed, self.metric_limited, parts, self.request).request
 
     def _key(self, ex) -> bytes:
         kind = self.key_kind
