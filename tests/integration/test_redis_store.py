@@ -71,6 +71,13 @@ class Node:
                 self.proc.wait()
 
 
+def billed(node: Node, n: int, key: str) -> None:
+    """`n` requests to node's `billing` API route with `key`, each answered 200."""
+    with httpx.Client(timeout=5) as c:
+        for _ in range(n):
+            assert c.get(node.url + "/billed", headers={"apikey": key}).status_code == 200
+
+
 @pytest.fixture
 def cluster(tmp_path):
     with RedisServer() as redis:
@@ -133,24 +140,19 @@ def test_usage_ledger_counts_every_node_exactly_once(cluster):
     # the counted traffic goes to the `billing` API's route; the checks above are another row
     sent = {"a": 0, "b": 0}
 
-    def burst(node, n):
-        with httpx.Client(timeout=5) as c:
-            for _ in range(n):
-                assert c.get(node.url + "/billed", headers={"apikey": key}).status_code == 200
-
     def ledger() -> int:
         rows = a.admin.get("/usage", params={"consumer": "erin"}).json()
         return sum(r["requests"] for r in rows if r["api"] == "billing")
 
-    burst(a, 37)
-    burst(b, 55)
+    billed(a, 37, key)
+    billed(b, 55, key)
     sent["a"] += 37
     sent["b"] += 55
     wait_for(lambda: ledger() == 92, 20, "the ledger to count the first 92 requests")
     # Redis away while requests are served: the workers keep their counts and send them when it is back
     redis.stop()
-    burst(b, 11)
-    burst(a, 3)
+    billed(b, 11, key)
+    billed(a, 3, key)
     redis.start()
     sent["b"] += 11
     sent["a"] += 3
@@ -168,19 +170,17 @@ def test_dashboard_series_count_every_node(cluster):
     a.admin.post("/consumers", json={"username": "fay"})
     key = a.admin.post("/consumers/fay/credentials").json()["key"]
     wait_for(lambda: a.every_worker(key, 200) and b.every_worker(key, 200), 5, "the key on both nodes")
-    with httpx.Client(timeout=5) as c:
-        for node, n in ((a, 21), (b, 34)):
-            for _ in range(n):
-                assert c.get(node.url + "/billed", headers={"apikey": key}).status_code == 200
-        assert c.get(b.url + "/billed").status_code == 401  # refused on node b: a 4xx in the series
+    billed(a, 21, key)
+    billed(b, 34, key)
+    assert httpx.get(b.url + "/billed", timeout=5).status_code == 401  # refused on node b: a 4xx in the series
 
-    def billed() -> dict:
+    def series() -> dict:
         doc = a.admin.get("/analytics/summary", params={"window": "1h"}).json()
         return next((r for r in doc["top_routes"] if r["route"] == "billed"), {})
 
-    wait_for(lambda: billed().get("requests") == 56, 20, "the dashboard to count both nodes' requests")
+    wait_for(lambda: series().get("requests") == 56, 20, "the dashboard to count both nodes' requests")
     time.sleep(3)  # more drains and snapshots: nothing counted twice
-    got = billed()
+    got = series()
     assert got["requests"] == 56 and got["status"]["2xx"] == 55 and got["status"]["4xx"] == 1
 
 
@@ -318,18 +318,16 @@ def test_two_control_nodes_share_one_store_in_redis(tmp_path):
             # the ledger: each node's drain is applied on both replicas, once
             key = a.admin.post("/consumers/gina/credentials").json()["key"]
             wait_for(lambda: a.every_worker(key, 200) and c.every_worker(key, 200), 5, "the new key on both")
-            with httpx.Client(timeout=5) as client:
-                for node, n in ((a, 13), (c, 21)):
-                    for _ in range(n):
-                        assert client.get(node.url + "/billed", headers={"apikey": key}).status_code == 200
+            billed(a, 13, key)
+            billed(c, 21, key)
 
-            def billed(node) -> int:
+            def ledger(node) -> int:
                 rows = node.admin.get("/usage", params={"consumer": "gina"}).json()
                 return sum(r["requests"] for r in rows if r["api"] == "billing")
 
-            wait_for(lambda: billed(a) == 34 and billed(c) == 34, 20, "both ledgers to count 34 requests")
+            wait_for(lambda: ledger(a) == 34 and ledger(c) == 34, 20, "both ledgers to count 34 requests")
             time.sleep(3)  # more drains on both nodes: nothing counted twice
-            assert billed(a) == 34 and billed(c) == 34
+            assert ledger(a) == 34 and ledger(c) == 34
             for path in ("/consumers", "/credentials", "/audit"):
                 wait_for(lambda p=path: a.admin.get(p).json() == c.admin.get(p).json(), 2, f"{path} alike")
         finally:
