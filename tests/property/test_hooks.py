@@ -243,14 +243,14 @@ LEASE = st.none() | st.tuples(st.integers(0, 4), st.sampled_from([-1.0, 0.5, 3.0
 
 
 @settings(max_examples=100, deadline=None)
-@given(key=st.sampled_from(["ip", "consumer", "route"]), leases=st.dictionaries(
+@given(key=st.sampled_from(["ip", "consumer", "route", "header"]), leases=st.dictionaries(
            st.sampled_from([b"10.0.0.1", b"10.0.0.2"]), LEASE, max_size=2),
        requests=st.lists(st.tuples(st.sampled_from([b"10.0.0.1", b"10.0.0.2"]), st.sampled_from([None, "ann"])),
                          max_size=12))
 def test_redis_lease_answers_as_the_policy_does(key, leases, requests):
     from fastgate.counters.redis import _GCRA, _Lease
 
-    cfg = RateLimit(rate=10, per=1, burst=20, key=key, backend="redis")
+    cfg = RateLimit(rate=10, per=1, burst=20, key=key, backend="redis", header="X-Key")
     (compiled, ca), (reference, cb) = lease_policy(cfg), lease_policy(cfg)
     hook = compiled.compiled_request
     assert hook is not None and hook.__self__.__class__.__name__ == "RedisLease"
@@ -270,6 +270,7 @@ def test_redis_lease_answers_as_the_policy_does(key, leases, requests):
             ex = Exchange(proto)
             ex.client_ip = ip
             ex.consumer = User(user) if user else None
+            ex.headers = [(b"X-Key", ip)]  # the header key kind: the same values as the addresses
             ex.request_id = b"rid-%d" % n
             ex.keep_alive = True
             answer = run(ex)
@@ -277,3 +278,45 @@ def test_redis_lease_answers_as_the_policy_does(key, leases, requests):
         assert seen[0] == seen[1]
     assert ma.pending == mb.pending
     assert {k: v.tokens for k, v in ca._gcra_leases.items()} == {k: v.tokens for k, v in cb._gcra_leases.items()}
+
+
+
+def test_hooks_hand_over_what_they_do_not_expect():
+    """Header pairs a plugin built as lists, and a cached token past its time: the policy answers
+    (a list is read as the policy reads it; the expired token is refused)."""
+    import time
+
+    from fastgate._core.hooks import JwtCached, KeyAuth
+
+    calls = []
+    (proto, _m), = [protocol()]
+    ka = key_auth("apikey", None, True, None)
+    hook = KeyAuth(b"apikey", ka.by_hash, None, lambda ex: calls.append("key-auth")).request
+    ex = Exchange(proto)
+    ex.headers = [[b"apikey", b"kb"]]
+    ex.query = b""
+    hook(ex)
+    assert calls == ["key-auth"]
+    ex = Exchange(proto)
+    ex.headers = [[b"apikey", b"kb"]]
+    ex.query = b""
+    assert ka.compiled_request(ex) is None and ex.consumer.username == "bob"  # as the policy reads it
+
+    pol = jwt_policy("Authorization", {})
+    ex = Exchange(proto)
+    ex.headers = [(b"Authorization", b"Bearer " + TOKENS[0])]
+    ex.query = b""
+    assert pol.request(ex) is None  # verified: cached
+    entry = pol.cache[TOKENS[0]]
+    pol.cache[TOKENS[0]] = (time.time() - 1,) + entry[1:]  # its time is over
+    hook = JwtCached(b"authorization", True, 8192, pol.cache, lambda ex: calls.append("jwt")).request
+    ex = Exchange(proto)
+    ex.headers = [(b"authorization", b"Bearer " + TOKENS[0])]
+    ex.query = b""
+    hook(ex)
+    assert calls == ["key-auth", "jwt"]
+    ex = Exchange(proto)
+    ex.headers = [[b"authorization", b"Bearer " + TOKENS[0]]]
+    ex.query = b""
+    hook(ex)
+    assert calls == ["key-auth", "jwt", "jwt"]

@@ -212,6 +212,9 @@ cdef class KeyAuth:
         if ex.query:  # a key may be there (query:) or be refused there: the policy decides
             return self.policy_request(ex)
         for pair in ex.headers:
+            if type(pair) is not tuple or len(<tuple>pair) != 2 or type((<tuple>pair)[0]) is not bytes \
+                    or type((<tuple>pair)[1]) is not bytes:
+                return self.policy_request(ex)  # a list a plugin built: the policy reads any pair
             name = <bytes>(<tuple>pair)[0]
             if PyBytes_GET_SIZE(name) != hl:
                 continue
@@ -282,6 +285,9 @@ cdef class JwtCached:
         cdef Py_ssize_t count = 0
         cdef tuple hit
         for pair in ex.headers:
+            if type(pair) is not tuple or len(<tuple>pair) != 2 or type((<tuple>pair)[0]) is not bytes \
+                    or type((<tuple>pair)[1]) is not bytes:
+                return self.policy_request(ex)  # a list a plugin built: the policy reads any pair
             if _name_is(<bytes>(<tuple>pair)[0], self.header):
                 count += 1
                 value = <bytes>(<tuple>pair)[1]

@@ -36,6 +36,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.math cimport isinf, isnan
 from libc.stdint cimport uint64_t
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
@@ -1683,6 +1684,18 @@ cdef inline char* _json_opt_str(char* w, object v) except NULL:
     return _json_str(w, <const unsigned char*>u, n, False)
 
 
+cdef inline char* _json_ms(char* w, char* end, double v) noexcept:
+    """A time in ms with three decimals, as round(v, 3) gives it; null when it is not a number
+    (as msgspec writes inf and nan). Never past `end`: a value too long for the room left is null."""
+    cdef int n
+    if isnan(v) or isinf(v):
+        return _json_lit(w, b"null")
+    n = snprintf(w, end - w, b"%.3f", v)
+    if n < 0 or n >= end - w:
+        return _json_lit(w, b"null")
+    return w + n
+
+
 cdef inline Py_ssize_t _json_len(object v) except -1:
     if v is None:
         return 4
@@ -1699,12 +1712,16 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
     read as Latin-1; -1 for upstream_bytes, response_bytes or upstream_ms is null; the two times are
     written with three decimals, as round(x, 3) gives them."""
     global _ts_sec
+    if not 0 <= t < 253402300800:  # years 1970-9999: what the ts field can say
+        raise ValueError("access_line: t is not a time between 1970 and 9999")
     cdef long sec = <long>t
     cdef time_t tt = sec
     cdef tm parts
-    cdef Py_ssize_t cap = 420 + 6 * (_json_len(request_id) + _json_len(trace_id) + _json_len(client_ip)
-                                     + _json_len(method) + _json_len(path) + _json_len(route) + _json_len(api)
-                                     + _json_len(consumer))
+    # the constant parts and the integers (at most 20 digits each) take under 420 bytes, each time at
+    # most 64 (a longer one is written null), each string byte at most 6 ("\\u00XX")
+    cdef Py_ssize_t cap = 420 + 2 * 64 + 6 * (_json_len(request_id) + _json_len(trace_id) + _json_len(client_ip)
+                                              + _json_len(method) + _json_len(path) + _json_len(route)
+                                              + _json_len(api) + _json_len(consumer))
     cdef char small[2048]
     cdef char* buf = small
     cdef char* w
@@ -1738,8 +1755,10 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
         w += snprintf(w, 24, b"%zd", upstream_bytes) if upstream_bytes >= 0 else snprintf(w, 8, b"null")
         w = _json_lit(w, b',"response_bytes":')
         w += snprintf(w, 24, b"%zd", response_bytes) if response_bytes >= 0 else snprintf(w, 8, b"null")
-        w += snprintf(w, 48, b',"gateway_ms":%.3f,"upstream_ms":', gateway_ms)
-        w += snprintf(w, 40, b"%.3f", upstream_ms) if upstream_ms >= 0 else snprintf(w, 8, b"null")
+        w = _json_lit(w, b',"gateway_ms":')
+        w = _json_ms(w, w + 64, gateway_ms)
+        w = _json_lit(w, b',"upstream_ms":')
+        w = _json_ms(w, w + 64, upstream_ms) if upstream_ms >= 0 else _json_lit(w, b"null")
         w = _json_lit(w, b"}\n")
         return PyBytes_FromStringAndSize(buf, w - buf)
     finally:
