@@ -116,6 +116,8 @@ def test_redis_down_keeps_the_last_directory_and_catches_up_after(cluster):
     # Redis holds the store's record: no write without it, reads answer from the node's replica
     r = a.admin.post("/consumers/dave/credentials")
     assert r.status_code == 503 and r.json()["error"] == "store_unavailable", r.text
+    doc = a.admin.get("/openapi.json").json()  # and the API's own document says so
+    assert "503" in doc["paths"]["/consumers/{name}/credentials"]["post"]["responses"]
     assert a.admin.get("/consumers/dave").status_code == 200
     time.sleep(1.0)
     assert b.every_worker(first, 200)  # the last snapshot stays in force

@@ -835,6 +835,10 @@ def openapi_document(oauth_endpoints: bool = False, scopes: list[str] | None = N
         if method in ("POST", "PATCH", "DELETE") and path != "/config":
             op["responses"]["409"] = {"description": "conflict, or read-only (declared in the config file)",
                                       "content": error}
+            op["responses"]["503"] = {"description": "store_unavailable: the store lives in Redis "
+                                      "(store.backend redis) and Redis cannot be reached; nothing was written, "
+                                      "unless the detail says the outcome is not known",
+                                      "content": error}
         if "oauth" in path:
             op["responses"]["409"] = {"description": "oauth_disabled: the OAuth authorization server is off"
                                       + (", or the client is revoked" if path.endswith("/rotate") and "clients"
