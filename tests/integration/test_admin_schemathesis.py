@@ -105,6 +105,7 @@ def would_load(body) -> bool:
 # authentication methods at once (Basic and form fields), scopes beyond the client's. Their valid-data
 # check is test_oauth.py's; every other check runs on them.
 OAUTH_PATHS = {path for _m, path, _s in OAUTH_ENDPOINTS}
+FRAMING = {"content-length", "transfer-encoding", "host", "connection", "expect", "upgrade", "te", "trailer"}
 
 
 def run_operation(gw, op, mode: GenerationMode) -> list[int]:
@@ -119,6 +120,11 @@ def run_operation(gw, op, mode: GenerationMode) -> list[int]:
               suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
     def check(case):
         assume(path != "/config" or not would_load(case.body))
+        # a generated header that frames the HTTP message itself (a negative case once sent
+        # `content-length: i-oC~Sn`) is the HTTP server's to refuse (uvicorn: 400, before the app):
+        # it is no input of this API's, so it is not sent
+        for name in [h for h in (case.headers or {}) if h.lower() in FRAMING]:
+            del case.headers[name]
         before = gw.cfg.read_bytes()
         # the real token replaces the generated one; a negative case that left the header out (or an
         # OAuth endpoint, where the client authenticates itself) is sent as generated

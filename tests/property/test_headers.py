@@ -539,3 +539,10 @@ def test_remove_headers_matches_model(lines, drop, case):
     assert got == model.remove_headers(head, frozenset(drop))
     if not any(n.lower() in drop for n, _ows, _v in lines):
         assert got is head  # nothing removed: no copy
+
+
+def test_find_header_reads_pairs_that_are_lists():
+    """A plugin may set ex.headers to pairs of its own making: read, never a crash."""
+    headers = [[b"X-A", b"1"], (b"x-b", b"2")]
+    assert core.find_header(headers, b"x-a") == b"1" == model.find_header([tuple(p) for p in headers], b"x-a")
+    assert core.find_header(headers, b"x-b") == b"2"

@@ -357,9 +357,14 @@ def find_header(list headers not None, bytes name not None):
     cdef Py_ssize_t ln = PyBytes_GET_SIZE(name)
     cdef bytes n
     for item in headers:
-        n = (<tuple>item)[0]
-        if _ieq(PyBytes_AS_STRING(n), PyBytes_GET_SIZE(n), lit, ln):
-            return (<tuple>item)[1]
+        if type(item) is tuple:  # what the parser makes
+            n = (<tuple>item)[0]
+            if _ieq(PyBytes_AS_STRING(n), PyBytes_GET_SIZE(n), lit, ln):
+                return (<tuple>item)[1]
+        else:  # a pair a plugin built otherwise (a list): read as Python reads it
+            n = item[0]
+            if _ieq(PyBytes_AS_STRING(n), PyBytes_GET_SIZE(n), lit, ln):
+                return item[1]
     return None
 
 
