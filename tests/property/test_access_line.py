@@ -84,3 +84,13 @@ def test_count_usage_matches_the_reference(requests):
         count_usage(got, hour, consumer, route, status, seconds)
         reference(want, hour, consumer, route, status, seconds)
     assert got == want
+
+
+def test_the_widest_numbers_fit():
+    """Every integer at its widest (20 characters) and the widest times: the whole line is written."""
+    big = -(2**63)
+    line = access_line(4e9, b"r", None, big, b"c", b"GET", b"/", None, None, None, big, 2**63 - 1, 2**63 - 1,
+                       2**63 - 1, 1e15, 1e15)
+    doc = json.loads(line)
+    assert doc["worker"] == big and doc["status"] == big and doc["response_bytes"] == 2**63 - 1
+    assert doc["gateway_ms"] == doc["upstream_ms"] == 1e15

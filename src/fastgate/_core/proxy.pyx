@@ -1717,8 +1717,9 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
     cdef long sec = <long>t
     cdef time_t tt = sec
     cdef tm parts
-    # the constant parts and the integers (at most 20 digits each) take under 420 bytes, each time at
-    # most 64 (a longer one is written null), each string byte at most 6 ("\\u00XX")
+    # the constant parts and the integers (at most 20 digits each) take about 330 bytes (each
+    # snprintf's limit covers its widest output, so none truncates), each time at most 64 (a longer
+    # one is written null), each string byte at most 6 ("\\u00XX")
     cdef Py_ssize_t cap = 420 + 2 * 64 + 6 * (_json_len(request_id) + _json_len(trace_id) + _json_len(client_ip)
                                               + _json_len(method) + _json_len(path) + _json_len(route)
                                               + _json_len(api) + _json_len(consumer))
@@ -1739,7 +1740,7 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
         w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(request_id), PyBytes_GET_SIZE(request_id), True)
         w = _json_lit(w, b',"trace_id":')
         w = _json_opt_str(w, trace_id)
-        w += snprintf(w, 40, b',"worker":%ld,"client_ip":', worker)
+        w += snprintf(w, 64, b',"worker":%ld,"client_ip":', worker)
         w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(client_ip), PyBytes_GET_SIZE(client_ip), True)
         w = _json_lit(w, b',"method":')
         w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method), True)
@@ -1751,7 +1752,7 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
         w = _json_opt_str(w, api)
         w = _json_lit(w, b',"consumer":')
         w = _json_opt_str(w, consumer)
-        w += snprintf(w, 80, b',"status":%ld,"request_bytes":%zd,"upstream_bytes":', status, request_bytes)
+        w += snprintf(w, 96, b',"status":%ld,"request_bytes":%zd,"upstream_bytes":', status, request_bytes)
         w += snprintf(w, 24, b"%zd", upstream_bytes) if upstream_bytes >= 0 else snprintf(w, 8, b"null")
         w = _json_lit(w, b',"response_bytes":')
         w += snprintf(w, 24, b"%zd", response_bytes) if response_bytes >= 0 else snprintf(w, 8, b"null")
