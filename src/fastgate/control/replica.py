@@ -429,17 +429,23 @@ class Replica:
                 log.warning("store: image at transaction %d not stored (%s): the next one will be", seq, exc)
 
 
-class ReplicaFollower:
-    """A thread in the control process: applies other nodes' transactions to this node's replica."""
+class ReplicaThread:
+    """A thread of the control process with a replica of its own (its own SQLite connection): calls
+    `step(replica)` every `interval` seconds. A failure of an `expected` kind is logged once
+    (`failed`) until a step succeeds again (`recovered`); anything else with its traceback; the
+    thread goes on either way."""
 
-    def __init__(self, path: str, url: str, prefix: str, interval: float = FOLLOW_INTERVAL):
-        self.path, self.url, self.prefix, self.interval = path, url, prefix, interval
+    name = "replica-thread"
+    expected: tuple = (StoreError, sqlite3.Error)
+
+    def __init__(self, path: str, url: str, prefix: str, interval: float):
+        self.path, self.store_url, self.prefix, self.interval = path, url, prefix, interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.replica: Replica | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="store-follower", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -447,23 +453,50 @@ class ReplicaFollower:
         if self._thread is not None:
             self._thread.join(5)
 
+    def step(self, replica: Replica) -> None:
+        raise NotImplementedError
+
+    def failed(self, exc: Exception) -> None:
+        log.warning("%s: %s (retried)", self.name, exc)
+
+    def recovered(self) -> None:
+        pass
+
     def _run(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0, check_same_thread=False)
-        self.replica = Replica(conn, self.url, self.prefix)
+        self.replica = Replica(conn, self.store_url, self.prefix)
         warned = False
         try:
             while not self._stop.wait(self.interval):
                 try:
-                    self.replica.sync()
+                    self.step(self.replica)
                     if warned:
-                        log.info("store: following Redis %s again", self.replica.url)
+                        self.recovered()
                     warned = False
-                except (StoreError, sqlite3.Error) as exc:
+                except self.expected as exc:
                     if not warned:
-                        log.warning("store: cannot follow the store in Redis (%s); retrying", exc)
+                        self.failed(exc)
                         warned = True
-                except Exception:  # noqa: BLE001 - a bug or a garbled reply must not end the following
-                    log.exception("store: following the store in Redis failed (retried)")
+                except Exception:  # noqa: BLE001 - a bug or a garbled reply must not end the thread
+                    log.exception("%s failed (retried)", self.name)
         finally:
             self.replica.close()
             conn.close()
+
+
+class ReplicaFollower(ReplicaThread):
+    """Applies other nodes' transactions to this node's replica."""
+
+    name = "store-follower"
+
+    def __init__(self, path: str, url: str, prefix: str, interval: float = FOLLOW_INTERVAL):
+        super().__init__(path, url, prefix, interval)
+
+    def step(self, replica: Replica) -> None:
+        replica.sync()
+
+    def failed(self, exc: Exception) -> None:
+        log.warning("store: cannot follow the store in Redis (%s); retrying", exc)
+
+    def recovered(self) -> None:
+        log.info("store: following Redis %s again", self.replica.url)

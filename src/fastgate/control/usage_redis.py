@@ -31,6 +31,7 @@ import uuid
 
 from ..counters.resp import RedisURL, SyncRedis
 from .analytics import SERIES_COLS, UPSERT_USAGE, count_usage
+from .replica import ReplicaThread
 from .store import StoreError
 
 log = logging.getLogger("fastgate.analytics")
@@ -304,50 +305,25 @@ class HostEventSender:
             log.error("host events: %d restart/reload count(s) not written to Redis %s", lost, self.url)
 
 
-class UsageDrainer:
+class UsageDrainer(ReplicaThread):
     """In the control process: moves the counts from Redis into the store — the usage ledger's
     and the time series' (`series`: only when `series` is True)."""
 
+    name = "usage-drainer"
+    expected = (OSError, ConnectionError, sqlite3.Error, StoreError)
+
     def __init__(self, store_path: str, url: str, prefix: str, interval: float = 2.0, series: bool = True):
-        self.path = store_path
+        super().__init__(os.path.abspath(store_path), url, prefix, interval)
         self.url = RedisURL(url)
-        self.store_url, self.prefix = url, prefix
         self.kinds = [(keys(prefix, "usage"), _apply_usage)] + ([(keys(prefix, "series"), _apply_series)]
                                                                if series else [])
-        self.interval = interval
         self.drained = 0
-        self._stop = threading.Event()
-        self._thread = None
-        self._warned = False
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="usage-drainer", daemon=True)
-        self._thread.start()
+    def step(self, replica) -> None:
+        self.drain_once(replica)
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def _run(self) -> None:
-        from .replica import Replica
-
-        conn = sqlite3.connect(os.path.abspath(self.path), isolation_level=None, timeout=5.0, check_same_thread=False)
-        replica = Replica(conn, self.store_url, self.prefix)
-        try:
-            while not self._stop.wait(self.interval):
-                try:
-                    self.drain_once(replica)
-                    self._warned = False
-                except (OSError, ConnectionError, sqlite3.Error, StoreError) as exc:
-                    if not self._warned:
-                        log.warning("usage ledger: draining Redis %s: %s (retried)", self.url, exc)
-                        self._warned = True
-                except Exception:  # noqa: BLE001 - a bug or a garbled reply must not end the draining
-                    log.exception("usage ledger: draining Redis %s failed (retried)", self.url)
-        finally:
-            replica.close()
-            conn.close()
+    def failed(self, exc: Exception) -> None:
+        log.warning("usage ledger: draining Redis %s: %s (retried)", self.url, exc)
 
     # --- one pass ------------------------------------------------------------------------------
     def drain_once(self, replica) -> int:
