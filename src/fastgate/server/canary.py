@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import logging
 import random
-import zlib
 
 from .._core.shm import monotonic_ns
+from .balancer import key_hash
 
 log = logging.getLogger("fastgate.canary")
 
@@ -81,9 +81,9 @@ class Canary:
             ex.resp_extra += self.cookie_set % (b"c" if pick else b"s")
             return pick
         if sticky == "consumer" and consumer is not None:
-            return zlib.crc32(consumer) % 10000 < share
+            return key_hash(consumer) % 10000 < share
         if sticky in ("consumer", "ip"):
-            return zlib.crc32(ex.client_ip) % 10000 < share
+            return key_hash(ex.client_ip) % 10000 < share
         return random.randrange(10000) < share
 
     # --- outcomes and rollback ----------------------------------------------------------------------
