@@ -363,13 +363,41 @@ def cmd_oauth(args) -> int:
 
 
 def cmd_apis(args) -> int:
-    _, doc = _admin_call(args, "GET", "/apis")
+    """`fastgate apis list`, and `fastgate apis state API VERSION [STATE | --reset]`: show, set or drop
+    the lifecycle state set at run time over the config's."""
+    if args.action == "list":
+        if args.target:
+            raise SystemExit("fastgate: apis list takes no arguments")
+        _, doc = _admin_call(args, "GET", "/apis")
+        if args.json:
+            _print_json(doc)
+            return 0
+        rows = [{"name": a["name"], "base_path": a.get("base_path"),
+                 "versions": ", ".join(f"{v['version']} ({v['state']}{', set here' if v.get('state_source') == 'store' else ''})"
+                                       for v in a.get("versions", []))} for a in doc]
+        _table(rows, ["name", "base_path", "versions"])
+        return 0
+    from urllib.parse import quote
+
+    if len(args.target) not in (2, 3) or (args.reset and len(args.target) == 3):
+        raise SystemExit("fastgate: apis state API VERSION [draft|published|deprecated|retired] [--sunset DATE] "
+                         "[--successor VERSION] | apis state API VERSION --reset")
+    api, version = args.target[:2]
+    path = f"/apis/{quote(api, safe='')}/versions/{quote(version, safe='')}/state"
+    if args.reset:
+        _, doc = _admin_call(args, "DELETE", path)
+    elif len(args.target) == 3:
+        body = {"state": args.target[2], **({"sunset": args.sunset} if args.sunset else {}),
+                **({"successor": args.successor} if args.successor else {})}
+        _, doc = _admin_call(args, "PUT", path, body)
+    else:
+        _, doc = _admin_call(args, "GET", path)
     if args.json:
         _print_json(doc)
         return 0
-    rows = [{"name": a["name"], "base_path": a.get("base_path"),
-             "versions": ", ".join(f"{v['version']} ({v['state']})" for v in a.get("versions", []))} for a in doc]
-    _table(rows, ["name", "base_path", "versions"])
+    extra = "".join(f", {k} {doc[k]}" for k in ("sunset", "successor") if doc.get(k))
+    source = "set here" if doc["source"] == "store" else "the config's"
+    print(f"{doc['api']} {doc['version']}: {doc['state']} ({source}{extra})")
     return 0
 
 
@@ -419,8 +447,13 @@ def _add_admin_parsers(sub) -> None:
     o = sub.add_parser("oauth", parents=[common], help="OAuth signing keys: keys | rotate-key (admin API)")
     o.add_argument("action", choices=["keys", "rotate-key"])
     o.set_defaults(func=cmd_oauth)
-    a = sub.add_parser("apis", parents=[common], help="list the running config's APIs (admin API)")
-    a.add_argument("action", choices=["list"])
+    a = sub.add_parser("apis", parents=[common], help="list the running config's APIs | state API VERSION "
+                       "[STATE | --reset]: an API version's lifecycle state (admin API)")
+    a.add_argument("action", choices=["list", "state"])
+    a.add_argument("target", nargs="*", help="state: API VERSION [draft|published|deprecated|retired]")
+    a.add_argument("--sunset", help="state: the Sunset header's HTTP-date while deprecated")
+    a.add_argument("--successor", help="state: the version that replaces this one")
+    a.add_argument("--reset", action="store_true", help="state: drop the state set here (the config's again)")
     a.set_defaults(func=cmd_apis)
     u = sub.add_parser("usage", parents=[common], help="export the usage ledger (admin API)")
     u.add_argument("action", choices=["export"])

@@ -36,6 +36,7 @@ apis:
     base_path: /pets
     versions:
       - {{version: v1, state: published, routes: [{{name: pets-list, paths: [/list], mock: {{json: []}}}}]}}
+      - {{version: v2, routes: [{{name: pets-v2, paths: [/v2/list], mock: {{json: [2]}}}}]}}
 """
 
 
@@ -211,11 +212,84 @@ def test_cli_wrappers(gw):
     assert "revoked" in cli("keys", "revoke", str(created["id"]))
     wait_for(lambda: status_of(gw, "/private", rotated) == 401, 10, "the CLI's revoked key to be refused")
     assert "pets" in cli("apis", "list")
+    assert cli("apis", "state", "pets", "v2", "deprecated", "--successor", "v1").strip() == (
+        "pets v2: deprecated (set here, successor v1)")
+    wait_for(lambda: gw.get("/pets/v2/list").headers.get("deprecation") == "true", 10, "v2 deprecated")
+    assert "v2 (deprecated, set here)" in cli("apis", "list")
+    assert cli("apis", "state", "pets", "v2", "--reset").strip() == "pets v2: published (the config's)"
+    assert cli("apis", "state", "pets", "v2").strip() == "pets v2: published (the config's)"
+    wait_for(lambda: "deprecation" not in gw.get("/pets/v2/list").headers, 10, "v2 published again")
     assert "deleted" in cli("consumers", "delete", "carol")
     assert "carol" not in cli("consumers", "list")
     bad = subprocess.run([sys.executable, "-m", "fastgate", "consumers", "list", "--admin-token", "wrong-wrong-wrong"],
                          env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 1 and "401" in bad.stderr
+
+
+def _lifecycle_logged(gw) -> int:
+    return gw.log.read_text().count("API lifecycle:")
+
+
+def test_api_version_state_set_through_the_api_reaches_every_worker(gw):
+    """Deprecate, retire, draft and publish again an API version at run time: each worker recompiles
+    its routes (its log says so) and answers accordingly; no reload, no restart."""
+    state = "/apis/pets/versions/v1/state"
+    r = gw.get("/pets/list")
+    assert r.status_code == 200 and "deprecation" not in r.headers
+    assert gw.call("GET", state).json() == {"api": "pets", "version": "v1", "state": "published", "sunset": None,
+                                            "successor": None, "source": "config", "config_state": "published",
+                                            "updated_at": None}
+    reloads = gw.log.read_text().count("reloaded")
+    seen = _lifecycle_logged(gw)
+    r = gw.call("PUT", state, json={"state": "deprecated", "sunset": "Wed, 01 Jan 2031 00:00:00 GMT", "successor": "v2"})
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "deprecated" and r.json()["source"] == "store" and r.json()["config_state"] == "published"
+    wait_for(lambda: _lifecycle_logged(gw) == seen + 2, 10, "both workers to recompile")  # workers: 2
+    for _ in range(10):  # every worker serves the new state (the connection goes to either)
+        r = gw.get("/pets/list")
+        assert r.status_code == 200 and r.headers["deprecation"] == "true", r.headers
+        assert r.headers["sunset"] == "Wed, 01 Jan 2031 00:00:00 GMT"
+        assert r.headers["link"] == '</pets/v2>; rel="successor-version"'
+    v1 = gw.call("GET", "/apis").json()[0]["versions"][0]
+    assert (v1["state"], v1["config_state"], v1["state_source"], v1["successor"]) == (
+        "deprecated", "published", "store", "v2")
+    assert {r["name"]: r["state"] for r in gw.call("GET", "/routes").json()}["pets-list"] == "deprecated"
+    # retired: 410 with the successor, nothing forwarded
+    seen = _lifecycle_logged(gw)
+    # PUT replaces the whole row: no successor given, the config's (none)
+    assert gw.call("PUT", state, json={"state": "retired"}).json()["successor"] is None
+    wait_for(lambda: _lifecycle_logged(gw) == seen + 2, 10, "both workers to retire v1")
+    for _ in range(10):
+        r = gw.get("/pets/list")
+        assert r.status_code == 410 and r.json() == {"error": "api_retired", "api": "pets", "version": "v1"}
+    # a draft is not routed at all
+    gw.call("PUT", state, json={"state": "draft"})
+    wait_for(lambda: gw.get("/pets/list").status_code == 404, 10, "v1 as a draft")
+    assert gw.get("/pets/list").json()["error"] == "no_route"
+    assert gw.get("/pets/v2/list").json() == [2]  # the other version untouched
+    # refused: what the running config cannot have, and bodies out of shape
+    assert gw.call("PUT", state, json={"state": "deprecated", "successor": "v7"}).status_code == 409
+    assert gw.call("PUT", state, json={"state": "deprecated", "successor": "v1"}).status_code == 409
+    r = gw.call("PUT", state, json={"state": "deprecated", "sunset": "next week"})
+    assert r.status_code == 422 and "$.sunset" in r.json()["detail"]
+    assert gw.call("PUT", state, json={"state": "gone"}).status_code == 422
+    assert gw.call("PUT", "/apis/cats/versions/v1/state", json={"state": "retired"}).status_code == 404
+    assert gw.call("PUT", "/apis/pets/versions/v9/state", json={"state": "retired"}).status_code == 404
+    assert [(s["api"], s["version"], s["state"], s["applies"]) for s in gw.call("GET", "/api-states").json()] == [
+        ("pets", "v1", "draft", True)]
+    # dropped: the config's state again
+    r = gw.call("DELETE", state)
+    assert r.status_code == 200 and r.json()["source"] == "config" and r.json()["state"] == "published"
+    wait_for(lambda: gw.get("/pets/list").status_code == 200, 10, "v1 published again")
+    for _ in range(10):
+        r = gw.get("/pets/list")
+        assert r.status_code == 200 and "deprecation" not in r.headers
+    assert gw.call("DELETE", state).status_code == 404
+    assert gw.call("GET", "/api-states").json() == []
+    trail = [(e["action"], (e["after"] or e["before"])["state"]) for e in gw.call(
+        "GET", "/audit", params={"entity": "api_state", "limit": 10}).json()]
+    assert trail[:4] == [("delete", "draft"), ("update", "draft"), ("update", "retired"), ("create", "deprecated")]
+    assert gw.log.read_text().count("reloaded") == reloads  # no reload: the same workers all along
 
 
 def test_post_config_invalid_is_422_with_every_error_and_valid_one_reloads(gw):
@@ -282,8 +356,8 @@ def test_admin_listener_without_a_token_is_refused(tmp_path):
 def _bodies():
     from fastgate.control.admin import ENDPOINTS
 
-    return [(m, p.replace("{name}", "gold").replace("{id}", "1"), body) for m, p, _h, _s, body, _st in ENDPOINTS
-            if body is not None and "oauth" not in p]
+    return [(m, p.replace("{name}", "gold").replace("{id}", "1").replace("{api}", "pets").replace("{version}", "v1"),
+             body) for m, p, _h, _s, body, _st in ENDPOINTS if body is not None and "oauth" not in p]
 
 
 @pytest.mark.parametrize(("method", "path", "body"), _bodies(), ids=lambda v: getattr(v, "__name__", str(v)))

@@ -140,6 +140,26 @@ def test_catalog_lists_and_searches_apis_with_docs(gw):
         assert c.get("/apis/nope").status_code == 404
 
 
+def test_catalog_shows_the_lifecycle_state_set_through_the_admin_api(gw):
+    admin = httpx.Client(base_url=f"http://127.0.0.1:{gw.admin_port}", timeout=10,
+                         headers={"Authorization": f"Bearer {TOKEN}"})
+    with admin, httpx.Client(base_url=gw.portal, timeout=10) as c:
+        r = admin.put("/apis/pets/versions/v1/state", json={"state": "retired", "successor": "v2"})
+        assert r.status_code == 200, r.text
+        try:
+            page = c.get("/apis/pets").text
+            assert "Version <strong>v1</strong> is retired" in page and "Sun, 01 Jun 2031" in page
+            assert "v1 <em>(retired)</em>" in c.get("/").text
+            r = admin.put("/apis/pets/versions/v2/state", json={"state": "draft"})
+            assert r.status_code == 200, r.text
+            assert "<td>v2</td>" not in c.get("/apis/pets").text  # a draft is not in the catalog
+        finally:
+            admin.delete("/apis/pets/versions/v1/state")
+            admin.delete("/apis/pets/versions/v2/state")
+        page = c.get("/apis/pets").text
+        assert "Version <strong>v1</strong> is deprecated" in page and "<td>v2</td>" in page
+
+
 def test_developer_flow_in_a_browser(gw, browser):
     page = browser.new_page()
     page.goto(gw.portal + "/signup")

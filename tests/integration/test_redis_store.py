@@ -107,6 +107,32 @@ def test_keys_reach_another_node_through_redis(cluster):
     wait_for(lambda: b.every_worker(key, 401), 5, "the revocation on node b")
 
 
+def _billed_status(node: Node) -> int:
+    return httpx.get(node.url + "/billed", timeout=5).status_code  # without a key: 401 while published
+
+
+def test_api_version_state_reaches_another_node(cluster):
+    """An API version retired through node a's admin API: node b's workers answer 410, a worker that
+    starts on node b afterwards too, from its first request; dropped, 401 (key-auth) again."""
+    _redis, a, b = cluster
+    assert _billed_status(b) == 401
+    r = a.admin.put("/apis/billing/versions/v1/state", json={"state": "retired"})
+    assert r.status_code == 200 and r.json()["source"] == "store", r.text
+    wait_for(lambda: all(_billed_status(b) == 410 for _ in range(8)), 5, "v1 retired on node b")
+    before = _children(b.proc.pid)
+    os.kill(before[0], signal.SIGKILL)
+    deadline, started = time.monotonic() + 20, None
+    while time.monotonic() < (deadline if started is None else started + 2):
+        assert _billed_status(b) == 410  # while its replacement starts: never served in the config's state
+        now = _children(b.proc.pid)
+        if started is None and len(now) == len(before) and before[0] not in now:
+            started = time.monotonic()  # forked: it serves within the next two seconds
+    assert started is not None, "node b's worker was not restarted"
+    assert "API lifecycle" in b.log.read_text()
+    assert a.admin.delete("/apis/billing/versions/v1/state").status_code == 200
+    wait_for(lambda: all(_billed_status(b) == 401 for _ in range(8)), 5, "v1 published again on node b")
+
+
 def test_redis_down_keeps_the_last_directory_and_catches_up_after(cluster):
     redis, a, b = cluster
     a.admin.post("/consumers", json={"username": "dave"})

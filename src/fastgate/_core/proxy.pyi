@@ -56,6 +56,8 @@ class WorkerState:
     spans: Any
     def __init__(self, loop: asyncio.AbstractEventLoop, gen: Any, date: bytes, rid_prefix: bytes) -> None: ...
     def new_request_id(self) -> bytes: ...
+    def use_router(self, router: Any) -> None:
+        """Match new requests with `router` (Generation.set_lifecycle rebuilt it)."""
 
 @final
 class GatewayProtocol:

@@ -584,6 +584,11 @@ cdef class WorkerState:
         _hex16(p + n, self.rid_n)
         return rid
 
+    def use_router(self, router):
+        """Match new requests with `router`: the generation's, rebuilt after an API version's state
+        changed (Generation.set_lifecycle)."""
+        self.router = router
+
 
 cdef class GatewayProtocol:
 

@@ -30,7 +30,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..config.schema import Name, Quota, RateLimitSpec, Scope
 from ..errors import ConfigError, ConfigIssue
-from .store import Store, StoreError
+from .store import Conflict, NotFound, Store, StoreError
 
 log = logging.getLogger("fastgate.admin")
 
@@ -121,8 +121,22 @@ class OAuthClientUpdate(In):
     scopes: list[Scope]
 
 
+# RFC 9110 §5.6.7's IMF-fixdate, the form a Sunset header (RFC 8594) carries
+HttpDate = Annotated[str, Meta(pattern=r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-9]{2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|"
+                                       r"Sep|Oct|Nov|Dec) [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT$",
+                               description="an HTTP-date, e.g. Wed, 01 Jan 2031 00:00:00 GMT")]
+VersionState = Literal["draft", "published", "deprecated", "retired"]
+
+
+class ApiStateSet(In):
+    state: VersionState
+    sunset: HttpDate | None = None  # the Sunset header while deprecated (default: the config's)
+    successor: Name | None = None  # the version that replaces this one (default: the config's)
+
+
 BODIES = [ConsumerCreate, ConsumerUpdate, CredentialCreate, DeveloperCreate, DeveloperUpdate, AppCreate, AppUpdate,
-          PlanCreate, PlanUpdate, SubscriptionCreate, SubscriptionUpdate, OAuthClientCreate, OAuthClientUpdate]
+          PlanCreate, PlanUpdate, SubscriptionCreate, SubscriptionUpdate, OAuthClientCreate, OAuthClientUpdate,
+          ApiStateSet]
 OPTIONAL_BODIES = (CredentialCreate, OAuthClientCreate)
 
 
@@ -269,6 +283,28 @@ class Canary(Out):
     window: dict[str, int] = {}
 
 
+class ApiState(Out):
+    api: str
+    version: str
+    state: VersionState  # in force: the store's when `source` is store, else the config's
+    sunset: str | None
+    successor: str | None
+    source: Literal["config", "store"]
+    config_state: VersionState
+    updated_at: Timestamp | None  # when the store's row was last set
+
+
+class ApiStateRow(Out):
+    api: str
+    version: str
+    state: VersionState
+    sunset: str | None
+    successor: str | None
+    updated_at: Timestamp
+    applies: bool  # false: the running config has no such API or version, or the row cannot apply to it
+    reason: str | None
+
+
 class ConfigAccepted(Out):
     status: Literal["written", "reloading"]
     reload: bool
@@ -292,6 +328,8 @@ ANSWERS: dict[tuple[str, str], Any] = {
     ("GET", "/subscriptions"): list[Subscription], ("POST", "/subscriptions"): Subscription,
     ("GET", "/subscriptions/{id}"): Subscription, ("PATCH", "/subscriptions/{id}"): Subscription,
     ("GET", "/apis"): Objects, ("GET", "/routes"): Objects, ("GET", "/upstreams"): Objects,
+    ("GET", "/apis/{api}/versions/{version}/state"): ApiState, ("PUT", "/apis/{api}/versions/{version}/state"): ApiState,
+    ("DELETE", "/apis/{api}/versions/{version}/state"): ApiState, ("GET", "/api-states"): list[ApiStateRow],
     ("GET", "/canaries"): list[Canary], ("POST", "/canaries/{route}/reset"): Canary,
     ("POST", "/config"): ConfigAccepted,
     ("GET", "/apps/{id}/oauth-clients"): list[OAuthClient], ("POST", "/apps/{id}/oauth-clients"): OAuthClientWithSecret,
@@ -565,24 +603,84 @@ class Admin:
         return Response(status_code=204)
 
     # --- the running config -----------------------------------------------------------------------
+    def _lifecycle(self) -> dict:
+        from ..config.lifecycle import overrides_from_rows
+
+        return overrides_from_rows(self.store.list_api_states())
+
     async def apis(self, request: Request):
+        from ..config.lifecycle import effective_api
+
+        overrides = self._lifecycle()
         out = []
         for api in self.cfg.apis:
             doc = msgspec.to_builtins(api)
-            doc["versions"] = [{**msgspec.to_builtins(v), "routes": [r.name for r in v.routes]} for v in api.versions]
+            now = effective_api(api, overrides)
+            doc["versions"] = [{**msgspec.to_builtins(v), "routes": [r.name for r in v.routes],
+                                "config_state": c.state, "state_source": "config" if v is c else "store"}
+                               for v, c in zip(now.versions, api.versions, strict=True)]
             out.append(doc)
         return JSONResponse(out)
 
     async def routes(self, request: Request):
+        from ..config.lifecycle import effective_version
         from ..config.load import all_routes
 
+        overrides = self._lifecycle()
         out = []
         for _path, r, api, ver in all_routes(self.cfg):
             doc = msgspec.to_builtins(r)
             doc["api"] = api.name if api is not None else None
             doc["version"] = ver.version if ver is not None else None
-            doc["state"] = ver.state if ver is not None else "published"
+            doc["state"] = effective_version(api, ver, overrides).state if ver is not None else "published"
             out.append(doc)
+        return JSONResponse(out)
+
+    # --- API lifecycle: a version's state set at run time (config/lifecycle.py) --------------------
+    def _api_version(self, request: Request):
+        name, version = request.path_params["api"], request.path_params["version"]
+        api = next((a for a in self.cfg.apis if a.name == name), None)
+        if api is None:
+            raise NotFound(f"the running config has no API `{name}`")
+        ver = next((v for v in api.versions if v.version == version), None)
+        if ver is None:
+            raise NotFound(f"API `{name}` has no version `{version}` (versions: "
+                           + ", ".join(v.version for v in api.versions) + ")")
+        return api, ver
+
+    def _api_state(self, api, ver) -> dict:
+        from ..config.lifecycle import effective_version
+
+        row = self.store.get_api_state(api.name, ver.version)
+        now = effective_version(api, ver, self._lifecycle()) if row is not None else ver
+        return {"api": api.name, "version": ver.version, "state": now.state, "sunset": now.sunset,
+                "successor": now.successor, "source": "config" if now is ver else "store",
+                "config_state": ver.state, "updated_at": row["updated_at"] if row is not None else None}
+
+    async def api_state(self, request: Request):
+        from ..config.lifecycle import refusal
+
+        b = await self.body(request, ApiStateSet) if request.method == "PUT" else None
+        api, ver = self._api_version(request)
+        if b is not None:
+            why = refusal(api, ver.version, b.state, b.successor)
+            if why is not None:
+                raise Conflict(why)
+            self.store.set_api_state(self.actor(request), api.name, ver.version, b.state, b.sunset, b.successor)
+        elif request.method == "DELETE":
+            self.store.delete_api_state(self.actor(request), api.name, ver.version)
+        return JSONResponse(self._api_state(api, ver))
+
+    async def api_states(self, request: Request):
+        from ..config.lifecycle import refusal
+
+        apis = {a.name: a for a in self.cfg.apis}
+        out = []
+        for row in self.store.list_api_states():
+            api = apis.get(row["api"])
+            why = (refusal(api, row["version"], row["state"], row["successor"]) if api is not None
+                   else f"the running config has no API `{row['api']}`")
+            out.append({**row, "applies": why is None, "reason": why})
         return JSONResponse(out)
 
     def _canary_routes(self):
@@ -724,7 +822,16 @@ ENDPOINTS = [
     ("PATCH", "/subscriptions/{id}", "subscription", "Change a subscription's plan or state",
      SubscriptionUpdate, 200),
     ("DELETE", "/subscriptions/{id}", "subscription", "Delete a subscription", None, 204),
-    ("GET", "/apis", "apis", "The running config's APIs", None, 200),
+    ("GET", "/apis", "apis", "The running config's APIs, each version in the state in force", None, 200),
+    ("GET", "/apis/{api}/versions/{version}/state", "api_state", "An API version's lifecycle state in force, "
+     "and whether it is the config's or one set here", None, 200),
+    ("PUT", "/apis/{api}/versions/{version}/state", "api_state", "Set an API version's lifecycle state (draft, "
+     "published, deprecated, retired; with a sunset date and a successor) over the config's: every worker "
+     "serves it within a second, without a reload", ApiStateSet, 200),
+    ("DELETE", "/apis/{api}/versions/{version}/state", "api_state", "Drop the state set here: the version has "
+     "the config's again", None, 200),
+    ("GET", "/api-states", "api_states", "The lifecycle states set here, each saying whether it applies to "
+     "the running config", None, 200),
     ("GET", "/routes", "routes", "The running config's routes", None, 200),
     ("GET", "/upstreams", "upstreams", "The running config's upstreams", None, 200),
     ("GET", "/canaries", "canaries", "Routes with a canary: weight, state (active, off, rolled_back), the "
@@ -832,7 +939,7 @@ def openapi_document(oauth_endpoints: bool = False, scopes: list[str] | None = N
                                       "document's", "content": error}
             op["responses"]["422"] = {"description": "every error, with its path", "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/ConfigErrors"}}}}
-        if method in ("POST", "PATCH", "DELETE") and path != "/config":
+        if method in ("POST", "PUT", "PATCH", "DELETE") and path != "/config":
             op["responses"]["409"] = {"description": "conflict, or read-only (declared in the config file)",
                                       "content": error}
             op["responses"]["503"] = {"description": "store_unavailable: the store lives in Redis "

@@ -1,11 +1,14 @@
-"""The workers' view of the store: API key hash → consumer, and the revoked OAuth token ids (`jti`s
-of tokens this gateway issued and then revoked, until they expire), held in memory.
+"""The workers' view of the store: API key hash → consumer, the revoked OAuth token ids (`jti`s
+of tokens this gateway issued and then revoked, until they expire) and the API versions whose
+lifecycle state was set at run time (config/lifecycle.py), held in memory.
 
 A worker opens the SQLite file read-only and, once per tick at most every `interval` seconds, asks
 `PRAGMA data_version` whether another connection (the control process) committed since; only
 then does it reload the whole map. Requests never touch the store: a key found or not found is one
 dict lookup. So a key made or revoked through the admin API takes effect within about a second, and
-so does a token revoked at `POST /oauth/revoke` (the jwt policy's `check_revoked`: one set lookup).
+so does a token revoked at `POST /oauth/revoke` (the jwt policy's `check_revoked`: one set lookup),
+and an API version deprecated or retired through the admin API (the worker's tick recompiles the
+routes whose state changed: Generation.set_lifecycle).
 """
 from __future__ import annotations
 
@@ -16,14 +19,15 @@ import sqlite3
 import time
 from urllib.parse import quote
 
+from ..config.lifecycle import overrides_from_rows
 from ..policies.base import ConsumerInfo
-from .store import ACTIVE_KEYS_SQL, OAUTH_SCHEMA, REVOKED_JTIS_SQL
+from .store import ACTIVE_KEYS_SQL, API_STATES_SQL, LIFECYCLE_SCHEMA, OAUTH_SCHEMA, REVOKED_JTIS_SQL
 
 log = logging.getLogger("fastgate.directory")
 
 
 class Directory:
-    __slots__ = ("path", "interval", "conn", "version", "keys", "revoked", "names", "_next", "_warned")
+    __slots__ = ("path", "interval", "conn", "version", "keys", "revoked", "names", "lifecycle", "_next", "_warned")
 
     def __init__(self, path: str, interval: float = 0.5):
         self.path = os.path.abspath(path)
@@ -33,6 +37,7 @@ class Directory:
         self.keys: dict[bytes, tuple[ConsumerInfo, bytes]] = {}  # sha256 hex digest → (consumer, identifier)
         self.revoked: frozenset[str] = frozenset()  # jtis of revoked, unexpired OAuth tokens (replaced whole)
         self.names: frozenset[str] = frozenset()
+        self.lifecycle: dict = {}  # {(api, version): (state, sunset, successor)}: a new dict when it changes
         self._next = 0.0
         self._warned = False
         self.poll(0.0)
@@ -48,6 +53,9 @@ class Directory:
 
     def start(self, loop) -> None:
         pass
+
+    async def wait_loaded(self, timeout: float) -> None:
+        """Return once the first snapshot is in (at once here: __init__ read the file)."""
 
     def get(self, digest: bytes):
         """(ConsumerInfo, credential identifier) for a key's SHA-256 hex digest, or None."""
@@ -97,6 +105,9 @@ class Directory:
         self.keys = keys
         self.revoked = frozenset(snap["revoked"])
         self.names = frozenset(infos)  # the store's consumers with a key (the consumer metrics label)
+        lifecycle = overrides_from_rows(snap.get("lifecycle", ()))
+        if lifecycle != self.lifecycle:
+            self.lifecycle = lifecycle
 
     def close(self) -> None:
         if self.conn is not None:
@@ -105,13 +116,18 @@ class Directory:
 
 
 def read_snapshot(conn: sqlite3.Connection) -> dict:
-    """What the workers need from the store: active key hashes with their consumers, and the revoked,
-    unexpired OAuth token ids (expired ones are left out: the jwt policy refuses those anyway)."""
+    """What the workers need from the store: active key hashes with their consumers, the revoked,
+    unexpired OAuth token ids (expired ones are left out: the jwt policy refuses those anyway), and
+    the API lifecycle rows."""
     keys = [[u, cid, plan, groups, kh] for u, cid, plan, groups, kh, _id in conn.execute(ACTIVE_KEYS_SQL)]
     revoked: list[str] = []
-    if conn.execute("PRAGMA user_version").fetchone()[0] >= OAUTH_SCHEMA:  # an older store has none
+    lifecycle: list[list] = []
+    schema = conn.execute("PRAGMA user_version").fetchone()[0]  # an older store has neither
+    if schema >= OAUTH_SCHEMA:
         revoked = [jti for (jti,) in conn.execute(REVOKED_JTIS_SQL, (time.time(),))]
-    return {"keys": keys, "revoked": revoked}
+    if schema >= LIFECYCLE_SCHEMA:
+        lifecycle = [list(row) for row in conn.execute(API_STATES_SQL)]
+    return {"keys": keys, "revoked": revoked, "lifecycle": lifecycle}
 
 
 def store_redis_url(cfg) -> str:
@@ -134,7 +150,7 @@ class RedisDirectory(Directory):
     """A worker's directory when `store.backend: redis`: the same maps, fed through Redis pub/sub.
     While Redis is unreachable the last snapshot stays in force; the worker reconnects with back-off."""
 
-    __slots__ = ("url", "key", "channel", "_task", "loaded")
+    __slots__ = ("url", "key", "channel", "_task", "loaded", "_first")
 
     def __init__(self, url: str, prefix: str):
         from ..counters.resp import RedisURL
@@ -145,16 +161,32 @@ class RedisDirectory(Directory):
         self.keys = {}
         self.revoked = frozenset()
         self.names = frozenset()
+        self.lifecycle = {}
         self._task = None
         self._warned = False
         self.loaded = 0  # snapshots applied (tests and logs)
+        self._first = None  # set once the first snapshot is in, or Redis failed once
 
     def poll(self, now: float) -> bool:
         return False  # pushed, not polled
 
     def start(self, loop) -> None:
+        import asyncio
+
         if self._task is None:
+            self._first = asyncio.Event()
             self._task = loop.create_task(self._run())
+
+    async def wait_loaded(self, timeout: float) -> None:
+        """A new worker serves with the store's keys and API states, not before: wait for the first
+        snapshot, up to `timeout` (Redis unreachable: at once, with none)."""
+        import asyncio
+
+        if self._first is not None:
+            try:
+                await asyncio.wait_for(self._first.wait(), timeout)
+            except TimeoutError:
+                pass
 
     def close(self) -> None:
         if self._task is not None:
@@ -187,6 +219,8 @@ class RedisDirectory(Directory):
                 if not self._warned:
                     log.warning("directory: Redis %s unavailable (%s); keeping the last snapshot", self.url, exc)
                     self._warned = True
+                if self._first is not None:  # a worker starting now serves without the store's entities
+                    self._first.set()
             finally:
                 if sub is not None:
                     sub.close()
@@ -202,6 +236,8 @@ class RedisDirectory(Directory):
         if raw is not None:
             self.apply(json.loads(raw))
             self.loaded += 1
+        if self._first is not None:
+            self._first.set()
 
 
 class RespStream:

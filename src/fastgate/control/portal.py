@@ -225,7 +225,9 @@ class Portal:
         self.cfg = cfg
         self.admin_token = token
         self.secure_cookie = tls
-        self.catalog = build_catalog(cfg, config_path)
+        self.config_path = config_path
+        self._catalog = build_catalog(cfg, config_path)
+        self._catalog_states: dict = {}  # the store's API lifecycle rows the catalog shows
         self.plan_approval = {p.name: p.approval for p in cfg.plans}
         self.failures: dict[str, deque] = {}
         # session id → (when, app id, what is shown once: an API key, or (client_id, client_secret))
@@ -308,6 +310,18 @@ class Portal:
         if ctype != "application/x-www-form-urlencoded" or len(raw) > FORM_LIMIT:
             return {}
         return {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True).items()}
+
+    @property
+    def catalog(self) -> dict[str, dict]:
+        """The catalog, with each API version in the state in force: rebuilt when an admin set one
+        (the store's api_states, config/lifecycle.py)."""
+        from ..config.lifecycle import overrides_from_rows, with_lifecycle
+
+        states = overrides_from_rows(self.store.list_api_states())
+        if states != self._catalog_states:
+            self._catalog = build_catalog(with_lifecycle(self.cfg, states), self.config_path)
+            self._catalog_states = states
+        return self._catalog
 
     def entry(self, request: Request) -> dict:
         slug = request.path_params["slug"]

@@ -135,9 +135,16 @@ MIGRATIONS: list[list[str]] = [
     [  # 7: usage counted through Redis (store.backend redis): the drains already applied (control/usage_redis.py)
         "CREATE TABLE usage_drains (id TEXT PRIMARY KEY, at REAL NOT NULL)",
     ],
+    [  # 8: API lifecycle — a version's state set at run time, over the config's (server/generation.py)
+        """CREATE TABLE api_states (
+            api TEXT NOT NULL, version TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('draft', 'published', 'deprecated', 'retired')),
+            sunset TEXT, successor TEXT, updated_at TEXT NOT NULL, PRIMARY KEY (api, version))""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 OAUTH_SCHEMA = 4  # the first schema with the oauth_* tables
+LIFECYCLE_SCHEMA = 8  # the first with api_states
 
 ACTIVE_KEYS_SQL = """
     SELECT c.username, c.custom_id, c.plan, c.groups, k.key_hash, k.id
@@ -147,6 +154,9 @@ ACTIVE_KEYS_SQL = """
 
 REVOKED_JTIS_SQL = "SELECT jti FROM oauth_tokens WHERE revoked_at IS NOT NULL AND exp > ?"
 """What the workers load too (schema >= OAUTH_SCHEMA): revoked tokens that have not expired yet."""
+
+API_STATES_SQL = "SELECT api, version, state, sunset, successor FROM api_states ORDER BY api, version"
+"""And (schema >= LIFECYCLE_SCHEMA) the API versions whose state was set at run time."""
 
 
 class StoreError(Exception):
@@ -621,6 +631,37 @@ class Store:
                         log.warning("store: %s `%s` left the config but is still in use: kept", entity, row[key])
                         continue
                     self._audit(actor, "delete", entity, row[key], before, None)
+
+    # --- API lifecycle ----------------------------------------------------------------------------
+    # The config declares each API version with a state; the admin API may set another at run time
+    # (deprecate v1, retire it, publish a draft) without a new config. The row wins over the config
+    # until it is deleted. The caller checks the API and version against the running config.
+    def list_api_states(self) -> list[dict]:
+        return self._all("SELECT * FROM api_states ORDER BY api, version")
+
+    def get_api_state(self, api: str, version: str) -> dict | None:
+        return self._one("SELECT * FROM api_states WHERE api = ? AND version = ?", (api, version))
+
+    def set_api_state(self, actor: str, api: str, version: str, state: str, sunset: str | None = None,
+                      successor: str | None = None) -> dict:
+        with self.tx():
+            before = self.get_api_state(api, version)
+            self.conn.execute("INSERT INTO api_states (api, version, state, sunset, successor, updated_at) "
+                              "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (api, version) DO UPDATE SET "
+                              "state = excluded.state, sunset = excluded.sunset, successor = excluded.successor, "
+                              "updated_at = excluded.updated_at", (api, version, state, sunset, successor, now()))
+            after = self.get_api_state(api, version)
+            self._audit(actor, "update" if before else "create", "api_state", f"{api}/{version}", before, after)
+        return after
+
+    def delete_api_state(self, actor: str, api: str, version: str) -> dict:
+        with self.tx():
+            before = self.get_api_state(api, version)
+            if before is None:
+                raise NotFound(f"API `{api}` version `{version}` has no state set here (it has the config's)")
+            self.conn.execute("DELETE FROM api_states WHERE api = ? AND version = ?", (api, version))
+            self._audit(actor, "delete", "api_state", f"{api}/{version}", before, None)
+        return before
 
     # --- the developer portal ---------------------------------------------------------------------
     _ACCOUNT = """SELECT d.id, d.email, d.name, a.password_hash, a.state, a.created_at

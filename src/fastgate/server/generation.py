@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 import orjson
 
 from .._core.proxy import Target
@@ -68,9 +69,10 @@ class CompiledRoute:
     __slots__ = ("stats", "name", "group", "mock", "preserve_host", "req_drop", "req_add", "resp_add",
                  "resp_remove", "api", "version", "chain", "canary")
 
-    def __init__(self, r, group, mock, req_drop, req_add, resp_add, resp_remove, api=None, version=None):
+    def __init__(self, r, group, mock, req_drop, req_add, resp_add, resp_remove, api=None, version=None,
+                 stats=None):
         self.chain = NO_POLICIES  # the route's compiled policies (policies/base.py)
-        self.stats = RouteStats(r.name)  # this worker's counts for /metrics (metrics.py)
+        self.stats = stats if stats is not None else RouteStats(r.name)  # this worker's counts for /metrics (metrics.py)
         self.name = r.name
         self.group = group
         self.mock = mock  # (head bytes without Date/Connection, body bytes) or None
@@ -239,15 +241,32 @@ def _header_policies(policies) -> tuple[frozenset, tuple, bytes, frozenset]:
     return frozenset(req_drop), tuple(req_add), b"".join(resp_add), frozenset(resp_remove)
 
 
+class _RouteSpec:
+    """One route as the config gives it, with what its state does not change, compiled once; `cr`
+    is its CompiledRoute for the state it has now (`key`), remade when that changes."""
+
+    __slots__ = ("r", "api", "ver", "headers", "mock", "group", "canary", "chain", "stats", "key", "cr")
+
+    def __init__(self, r, api, ver, headers, mock, group):
+        self.r, self.api, self.ver = r, api, ver
+        self.headers, self.mock, self.group = headers, mock, group
+        self.canary = None
+        self.chain = None  # built the first time a state that runs policies needs it
+        self.stats = None  # this worker's counts for /metrics, kept across states
+        self.key = None
+        self.cr = None  # None while a draft (not routed)
+
+
 class Generation:
-    """Everything a worker needs to serve one config, compiled once."""
+    """Everything a worker needs to serve one config, compiled once. The API versions' states may
+    change after (the store's lifecycle rows: `set_lifecycle`), without a new generation."""
 
     def __init__(self, cfg: Config, number: int = 1, counters=None, shared=None):
         """`shared`: the host's shared metrics table (canary outcomes and rollback flags)."""
         from ..policies import load_builders
 
         load_builders(cfg)
-        from ..policies.base import IDENTITY_HEADERS, BuildContext, ConsumerInfo, attached, build_chain
+        from ..policies.base import ConsumerInfo
 
         self.cfg = cfg
         self.counters = counters
@@ -259,7 +278,6 @@ class Generation:
         self.groups = {u.name: UpstreamGroup(u) for u in cfg.upstreams}
         self.consumers = {c.username: ConsumerInfo(c.username, c.id, c.plan, c.groups) for c in cfg.consumers}
         self.directory = Directory.for_config(cfg)  # the store's keys; polled by the worker's tick
-        entries = []
         # routes mostly drop and add the same headers: one object per distinct value (about 7 MB
         # less for 10,000 routes than a frozenset, tuple and bytes of their own each)
         pool: dict = {}
@@ -267,47 +285,106 @@ class Generation:
         def share(value):
             return pool.setdefault(value, value)
 
-        switches: dict[str, VersionSwitch] = {}
-        switched: set[tuple] = set()  # (host, pattern, priority) already leading to a version switch
-        self.routes: list[CompiledRoute] = []
+        self._share = share
+        self._specs: list[_RouteSpec] = []
         self.canaries: list[Canary] = []
         for _path, r, api, ver in all_routes(cfg):
-            state = ver.state if ver is not None else "published"
-            if state == "draft":
-                continue
             policies = list(cfg.policies) + (list(api.policies) if api is not None else []) + list(r.policies)
-            req_drop, req_add, resp_add, resp_remove = (share(v) for v in _header_policies(policies))
+            headers = tuple(share(v) for v in _header_policies(policies))
             mock = _mock_response(r.mock) if r.mock is not None else None
             group = self.groups[r.upstream] if r.upstream is not None else None
-            if state == "deprecated":
-                resp_add += b"Deprecation: true\r\n"
-                if ver.sunset:
-                    resp_add += f"Sunset: {ver.sunset}\r\n".encode()
-                if ver.successor:
-                    resp_add += f'Link: <{_successor(api, ver)}>; rel="successor-version"\r\n'.encode()
-            elif state == "retired":
-                from ..config.schema import Mock
-
-                doc = {"error": "api_retired", "api": api.name, "version": ver.version}
-                if ver.successor:
-                    doc["successor"] = _successor(api, ver)
-                    if api.version_by != "path":
-                        doc["successor_version"] = ver.successor
-                mock = _mock_response(Mock(status=410, json=doc))
-                group = None
-            cr = CompiledRoute(r, group, mock, req_drop, req_add, resp_add, resp_remove,
-                               api.name if api else None, ver.version if ver else None)
+            spec = _RouteSpec(r, api, ver, headers, mock, group)
             if r.canary is not None and group is not None:
-                cr.canary = Canary(r.name, r.canary, self.groups[r.canary.upstream], group, shared)
-                self.canaries.append(cr.canary)
-            if state != "retired":
-                cr.chain = build_chain(attached(cfg, api, r),
-                                       BuildContext(counters, r.name, cr.api, cfg, self.consumers, self.directory))
-                cr.req_drop = cr.req_drop | cr.chain.drops
-            cr.req_drop = cr.req_drop | IDENTITY_HEADERS
-            if self.tracing:
-                cr.req_drop = cr.req_drop | {b"traceparent"}  # forwarded (or replaced) by the protocol
-            cr.req_drop = share(cr.req_drop)
+                spec.canary = Canary(r.name, r.canary, self.groups[r.canary.upstream], group, shared)
+                self.canaries.append(spec.canary)
+            self._specs.append(spec)
+        self.lifecycle = None  # the store's lifecycle rows in force ({(api, version): override})
+        self.set_lifecycle(self.directory.lifecycle if self.directory is not None else {})
+        timeouts = [cfg.limits.header_timeout, cfg.limits.keepalive_timeout, cfg.limits.body_timeout,
+                    cfg.limits.send_timeout]
+        for g in self.groups.values():
+            timeouts += [g.connect_timeout, g.read_timeout] + ([g.total_timeout] if g.total_timeout else [])
+        self.tick = min(0.5, max(0.02, min(timeouts) / 4))
+
+    def set_lifecycle(self, overrides: dict) -> bool:
+        """Serve the API versions in the states `overrides` gives them (config/lifecycle.py) and
+        return whether anything changed. A route whose state changed gets a new CompiledRoute (its
+        counters and canary carried over) and the router is rebuilt; requests already matched keep
+        the route they had."""
+        from ..config.lifecycle import effective_version
+
+        if overrides == self.lifecycle:
+            self.lifecycle = overrides
+            return False
+        first = self.lifecycle is None
+        self.lifecycle = overrides
+        changed = False
+        versions: dict = {}
+        for spec in self._specs:
+            ver = spec.ver
+            if ver is not None:
+                ver = versions.get(id(ver))
+                if ver is None:
+                    ver = versions[id(spec.ver)] = effective_version(spec.api, spec.ver, overrides)
+            key = (ver.state, ver.sunset, ver.successor) if ver is not None else ("published", None, None)
+            if key != spec.key:
+                spec.key = key
+                spec.cr = None if key[0] == "draft" else self._compile(spec, ver, key[0])
+                changed = True
+        if changed or first:
+            self._route(versions)
+        return changed
+
+    def _compile(self, spec: _RouteSpec, ver, state: str) -> CompiledRoute:
+        from ..policies.base import IDENTITY_HEADERS, BuildContext, attached, build_chain
+
+        r, api, share = spec.r, spec.api, self._share
+        req_drop, req_add, resp_add, resp_remove = spec.headers
+        mock, group = spec.mock, spec.group
+        if state == "deprecated":
+            resp_add += b"Deprecation: true\r\n"
+            if ver.sunset:
+                resp_add += f"Sunset: {ver.sunset}\r\n".encode()
+            if ver.successor:
+                resp_add += f'Link: <{_successor(api, ver)}>; rel="successor-version"\r\n'.encode()
+        elif state == "retired":
+            from ..config.schema import Mock
+
+            doc = {"error": "api_retired", "api": api.name, "version": ver.version}
+            if ver.successor:
+                doc["successor"] = _successor(api, ver)
+                if api.version_by != "path":
+                    doc["successor_version"] = ver.successor
+            mock = _mock_response(Mock(status=410, json=doc))
+            group = None
+        cr = CompiledRoute(r, group, mock, req_drop, req_add, resp_add, resp_remove,
+                           api.name if api else None, ver.version if ver else None, spec.stats)
+        spec.stats = cr.stats
+        if group is not None:
+            cr.canary = spec.canary
+        if state != "retired":
+            if spec.chain is None:
+                spec.chain = build_chain(attached(self.cfg, api, r), BuildContext(
+                    self.counters, r.name, cr.api, self.cfg, self.consumers, self.directory))
+            cr.chain = spec.chain
+            cr.req_drop = cr.req_drop | cr.chain.drops
+        cr.req_drop = cr.req_drop | IDENTITY_HEADERS
+        if self.tracing:
+            cr.req_drop = cr.req_drop | {b"traceparent"}  # forwarded (or replaced) by the protocol
+        cr.req_drop = share(cr.req_drop)
+        return cr
+
+    def _route(self, versions: dict) -> None:
+        """The router over the routes in their current states (drafts are not routed)."""
+        entries = []
+        switches: dict[str, VersionSwitch] = {}
+        switched: set[tuple] = set()  # (host, pattern, priority) already leading to a version switch
+        self.routes = []
+        apis = {}
+        for spec in self._specs:
+            if spec.cr is None:  # a draft
+                continue
+            cr, r, api = spec.cr, spec.r, spec.api
             self.routes.append(cr)
             base = api.base_path if api is not None else ""
             methods = tuple(r.methods)
@@ -317,8 +394,10 @@ class Generation:
                     if api is not None and api.version_by != "path":
                         sw = switches.get(api.name)
                         if sw is None:
-                            sw = switches[api.name] = VersionSwitch(api, _default_version(api))
-                        sw.add(ver.version, (host, methods, base + pat, r.priority, b))
+                            api_now = apis[api.name] = apis.get(api.name) or msgspec.structs.replace(
+                                api, versions=[versions.get(id(v), v) for v in api.versions])
+                            sw = switches[api.name] = VersionSwitch(api, _default_version(api_now))
+                        sw.add(spec.ver.version, (host, methods, base + pat, r.priority, b))
                         if (host, base + pat, r.priority) not in switched:  # every pattern leads to the switch
                             switched.add((host, base + pat, r.priority))
                             entries.append((host, (), base + pat, r.priority, sw))
@@ -327,11 +406,6 @@ class Generation:
         for sw in switches.values():
             sw.compile()
         self.router = Router(entries)
-        timeouts = [cfg.limits.header_timeout, cfg.limits.keepalive_timeout, cfg.limits.body_timeout,
-                    cfg.limits.send_timeout]
-        for g in self.groups.values():
-            timeouts += [g.connect_timeout, g.read_timeout] + ([g.total_timeout] if g.total_timeout else [])
-        self.tick = min(0.5, max(0.02, min(timeouts) / 4))
 
     def start(self, loop) -> None:
         for g in self.groups.values():

@@ -61,6 +61,8 @@ class Worker:
         counters = await self._counters()
         gen = Generation(self.cfg, self.number, counters, shared=self.host_metrics.table)
         gen.start(loop)
+        if gen.directory is not None:
+            await gen.directory.wait_loaded(2.0)  # store.backend redis: the snapshot comes through Redis
         self.state = state = WorkerState(loop, gen, date_line(), os.urandom(8).hex().encode())
         state.metrics = WorkerMetrics(self.host_metrics)
         if self.cfg.store.backend == "redis":  # every node's time series go through Redis too
@@ -209,9 +211,14 @@ class Worker:
             state.date = date_line(wall)
         for conn in list(state.connections):
             conn.check(now)
-        state.gen.sweep(now)
-        if state.gen.directory is not None:
-            state.gen.directory.poll(now)
+        gen = state.gen
+        gen.sweep(now)
+        directory = gen.directory
+        if directory is not None:
+            directory.poll(now)
+            if directory.lifecycle is not gen.lifecycle and gen.set_lifecycle(directory.lifecycle):
+                state.use_router(gen.router)  # an API version changed state (admin API, store)
+                log.info("API lifecycle: %d version state(s) set in the store", len(gen.lifecycle))
         for canary in state.gen.canaries:
             canary.refresh()
         self._tick_handle = self.loop.call_later(state.gen.tick, self._tick)
