@@ -5,6 +5,7 @@ the same way by both."""
 from __future__ import annotations
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,6 +81,7 @@ def test_live_lifecycle_changes_answer_like_a_fresh_compile(by, steps):
         fresh = Generation(with_lifecycle(cfg, step))
         assert _every_answer(live, by) == _every_answer(fresh, by)
         assert [r.name for r in live.routes] == [r.name for r in fresh.routes]
+        assert [c.route for c in live.canaries] == [c.route for c in fresh.canaries]  # none for draft/retired
 
 
 def test_a_change_reports_itself_and_keeps_the_route_counters():
@@ -109,3 +111,40 @@ def test_rows_that_cannot_apply_are_ignored():
     assert refusal(pinned, "v2", "draft", None) is not None  # the default version must stay routed
     assert refusal(pinned, "v2", "retired", None) is None
     assert with_lifecycle(cfg, {("cats", "v1"): ("draft", None, None)}) is cfg
+
+
+def test_a_route_that_cannot_compile_leaves_the_generation_as_it_was(tmp_path):
+    """Publishing a draft whose policy cannot be built any more (its OpenAPI file is gone) raises,
+    and changes nothing: the next attempt, once the file is back, applies the whole change."""
+    from pathlib import Path
+
+    spec = tmp_path / "pets.yaml"
+    spec.write_text((Path(__file__).resolve().parents[1] / "data" / "petstore.yaml").read_text())
+    cfg = load_config({"apis": [{"name": "pets", "base_path": "/pets", "versions": [
+        {"version": "v1", "routes": [{"name": "one", "paths": ["/v1/*"], "mock": {"body": "1"}}]},
+        {"version": "v2", "state": "draft", "routes": [{"name": "two", "paths": ["/v2/*"], "mock": {"body": "2"},
+                                                        "policies": [{"type": "openapi-validation",
+                                                                      "spec": str(spec)}]}]}]}]})
+    gen = Generation(cfg)
+    router, routes = gen.router, gen.routes
+    spec.unlink()
+    change = {("pets", "v1"): ("retired", None, None), ("pets", "v2"): ("published", None, None)}
+    with pytest.raises(ValueError, match="openapi-validation"):
+        gen.set_lifecycle(change)
+    assert gen.router is router and gen.routes is routes and gen.lifecycle == {}
+    assert gen.router.match(b"GET", b"h", b"/pets/v1/x")[0].route.mock[1] == b"1"  # v1 not retired either
+    spec.write_text((Path(__file__).resolve().parents[1] / "data" / "petstore.yaml").read_text())
+    assert gen.set_lifecycle(change) is True
+    assert gen.router.match(b"GET", b"h", b"/pets/v1/x")[0].route.mock[0].startswith(b"HTTP/1.1 410")
+    assert gen.router.match(b"GET", b"h", b"/pets/v2/x")[0].route.name == "two"
+
+
+def test_a_routeless_version_changes_the_default_version():
+    cfg = load_config({"apis": [{"name": "a", "version_by": "header", "versions": [
+        {"version": "v1", "routes": [{"name": "one", "paths": ["/"], "mock": {"body": "1"}}]},
+        {"version": "v2"}]}]})  # the newest published: the default, though it has no route yet
+    gen = Generation(cfg)
+    assert gen.router.match(b"GET", b"h", b"/")[0].select(b"GET", b"h", b"/", [], b"") == "no_route"
+    assert gen.set_lifecycle({("a", "v2"): ("deprecated", None, None)}) is True
+    binding, _ = gen.router.match(b"GET", b"h", b"/")[0].select(b"GET", b"h", b"/", [], b"")
+    assert binding.route.name == "one"

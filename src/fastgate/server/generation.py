@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 
-import msgspec
 import orjson
 
 from .._core.proxy import Target
@@ -245,7 +244,7 @@ class _RouteSpec:
     """One route as the config gives it, with what its state does not change, compiled once; `cr`
     is its CompiledRoute for the state it has now (`key`), remade when that changes."""
 
-    __slots__ = ("r", "api", "ver", "headers", "mock", "group", "canary", "chain", "stats", "key", "cr")
+    __slots__ = ("r", "api", "ver", "headers", "mock", "group", "canary", "chain", "stats", "key", "cr", "bindings")
 
     def __init__(self, r, api, ver, headers, mock, group):
         self.r, self.api, self.ver = r, api, ver
@@ -255,6 +254,7 @@ class _RouteSpec:
         self.stats = None  # this worker's counts for /metrics, kept across states
         self.key = None
         self.cr = None  # None while a draft (not routed)
+        self.bindings = None  # [(pattern, Binding)] of `cr`, made once per CompiledRoute
 
 
 class Generation:
@@ -287,7 +287,7 @@ class Generation:
 
         self._share = share
         self._specs: list[_RouteSpec] = []
-        self.canaries: list[Canary] = []
+        self.canaries: list[Canary] = []  # those of the routes served now (set_lifecycle)
         for _path, r, api, ver in all_routes(cfg):
             policies = list(cfg.policies) + (list(api.policies) if api is not None else []) + list(r.policies)
             headers = tuple(share(v) for v in _header_policies(policies))
@@ -296,10 +296,17 @@ class Generation:
             spec = _RouteSpec(r, api, ver, headers, mock, group)
             if r.canary is not None and group is not None:
                 spec.canary = Canary(r.name, r.canary, self.groups[r.canary.upstream], group, shared)
-                self.canaries.append(spec.canary)
             self._specs.append(spec)
         self.lifecycle = None  # the store's lifecycle rows in force ({(api, version): override})
-        self.set_lifecycle(self.directory.lifecycle if self.directory is not None else {})
+        self._defaults: dict = {}  # API name → the version a request naming none gets (header/query APIs)
+        stored = self.directory.lifecycle if self.directory is not None else {}
+        try:
+            self.set_lifecycle(stored)
+        except Exception:
+            if not stored:
+                raise
+            log.exception("API lifecycle: the states set in the store cannot be applied; serving the config's")
+            self.set_lifecycle({})
         timeouts = [cfg.limits.header_timeout, cfg.limits.keepalive_timeout, cfg.limits.body_timeout,
                     cfg.limits.send_timeout]
         for g in self.groups.values():
@@ -310,30 +317,68 @@ class Generation:
         """Serve the API versions in the states `overrides` gives them (config/lifecycle.py) and
         return whether anything changed. A route whose state changed gets a new CompiledRoute (its
         counters and canary carried over) and the router is rebuilt; requests already matched keep
-        the route they had."""
-        from ..config.lifecycle import effective_version
+        the route they had. All or nothing: if a route cannot be compiled (a policy's file gone,
+        say) this raises and the generation serves on as it was."""
+        from ..config.lifecycle import effective_api
 
         if overrides == self.lifecycle:
             self.lifecycle = overrides
             return False
-        first = self.lifecycle is None
-        self.lifecycle = overrides
-        changed = False
-        versions: dict = {}
-        for spec in self._specs:
-            ver = spec.ver
-            if ver is not None:
-                ver = versions.get(id(ver))
-                if ver is None:
-                    ver = versions[id(spec.ver)] = effective_version(spec.api, spec.ver, overrides)
+        apis = {a.name: effective_api(a, overrides) for a in self.cfg.apis}
+        versions = {id(c): v for a in self.cfg.apis for c, v in zip(a.versions, apis[a.name].versions, strict=True)}
+        new: dict[int, tuple] = {}  # spec index → (key, CompiledRoute or None for a draft)
+        for i, spec in enumerate(self._specs):
+            ver = versions[id(spec.ver)] if spec.ver is not None else None
             key = (ver.state, ver.sunset, ver.successor) if ver is not None else ("published", None, None)
             if key != spec.key:
-                spec.key = key
-                spec.cr = None if key[0] == "draft" else self._compile(spec, ver, key[0])
-                changed = True
-        if changed or first:
-            self._route(versions)
-        return changed
+                new[i] = key, None if key[0] == "draft" else self._compile(spec, ver, key[0])
+        defaults = {a.name: _default_version(a) for a in apis.values() if a.version_by != "path"}
+        if not new and defaults == self._defaults and self.lifecycle is not None:
+            self.lifecycle = overrides
+            return False
+        for i, (key, cr) in new.items():
+            spec = self._specs[i]
+            spec.key, spec.cr, spec.bindings = key, cr, None
+            if cr is not None:
+                spec.stats = cr.stats
+        self._route(apis, defaults)
+        self.lifecycle = overrides
+        self._defaults = defaults
+        return True
+
+    def _route(self, apis: dict, defaults: dict) -> None:
+        """The router over the routes in their current states (drafts are not routed)."""
+        entries = []
+        switches: dict[str, VersionSwitch] = {}
+        switched: set[tuple] = set()  # (host, pattern, priority) already leading to a version switch
+        routes = []
+        for spec in self._specs:
+            cr, r, api = spec.cr, spec.r, spec.api
+            if cr is None:  # a draft
+                continue
+            routes.append(cr)
+            if spec.bindings is None:
+                base = api.base_path if api is not None else ""
+                spec.bindings = [(base + pat, Binding(cr, base + pat, r.strip_path, r.path_rewrite)) for pat in r.paths]
+            methods = tuple(r.methods)
+            for pattern, b in spec.bindings:
+                for host in r.hosts or [None]:
+                    if api is not None and api.version_by != "path":
+                        sw = switches.get(api.name)
+                        if sw is None:
+                            sw = switches[api.name] = VersionSwitch(api, defaults[api.name])
+                        sw.add(spec.ver.version, (host, methods, pattern, r.priority, b))
+                        if (host, pattern, r.priority) not in switched:  # every pattern leads to the switch
+                            switched.add((host, pattern, r.priority))
+                            entries.append((host, (), pattern, r.priority, sw))
+                    else:
+                        entries.append((host, methods, pattern, r.priority, b))
+        for sw in switches.values():
+            sw.compile()
+        router = Router(entries)
+        # the canaries of routes that send to one now (a draft or retired route sends nothing)
+        self.canaries = [cr.canary for cr in routes if cr.canary is not None]
+        self.routes, self.router = routes, router
 
     def _compile(self, spec: _RouteSpec, ver, state: str) -> CompiledRoute:
         from ..policies.base import IDENTITY_HEADERS, BuildContext, attached, build_chain
@@ -373,39 +418,6 @@ class Generation:
             cr.req_drop = cr.req_drop | {b"traceparent"}  # forwarded (or replaced) by the protocol
         cr.req_drop = share(cr.req_drop)
         return cr
-
-    def _route(self, versions: dict) -> None:
-        """The router over the routes in their current states (drafts are not routed)."""
-        entries = []
-        switches: dict[str, VersionSwitch] = {}
-        switched: set[tuple] = set()  # (host, pattern, priority) already leading to a version switch
-        self.routes = []
-        apis = {}
-        for spec in self._specs:
-            if spec.cr is None:  # a draft
-                continue
-            cr, r, api = spec.cr, spec.r, spec.api
-            self.routes.append(cr)
-            base = api.base_path if api is not None else ""
-            methods = tuple(r.methods)
-            for pat in r.paths:
-                b = Binding(cr, base + pat, r.strip_path, r.path_rewrite)
-                for host in r.hosts or [None]:
-                    if api is not None and api.version_by != "path":
-                        sw = switches.get(api.name)
-                        if sw is None:
-                            api_now = apis[api.name] = apis.get(api.name) or msgspec.structs.replace(
-                                api, versions=[versions.get(id(v), v) for v in api.versions])
-                            sw = switches[api.name] = VersionSwitch(api, _default_version(api_now))
-                        sw.add(spec.ver.version, (host, methods, base + pat, r.priority, b))
-                        if (host, base + pat, r.priority) not in switched:  # every pattern leads to the switch
-                            switched.add((host, base + pat, r.priority))
-                            entries.append((host, (), base + pat, r.priority, sw))
-                    else:
-                        entries.append((host, methods, base + pat, r.priority, b))
-        for sw in switches.values():
-            sw.compile()
-        self.router = Router(entries)
 
     def start(self, loop) -> None:
         for g in self.groups.values():

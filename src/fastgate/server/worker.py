@@ -55,6 +55,7 @@ class Worker:
         self._tick_handle = None
         self._last_date = 0
         self._down: set[bytes] = set()  # health keys this worker added (_publish_health)
+        self._lifecycle_failed = None  # API version states that could not be applied (_apply_lifecycle)
 
     async def serve(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
@@ -63,6 +64,7 @@ class Worker:
         gen.start(loop)
         if gen.directory is not None:
             await gen.directory.wait_loaded(2.0)  # store.backend redis: the snapshot comes through Redis
+            self._apply_lifecycle(gen)  # the stored API version states, before the first request
         self.state = state = WorkerState(loop, gen, date_line(), os.urandom(8).hex().encode())
         state.metrics = WorkerMetrics(self.host_metrics)
         if self.cfg.store.backend == "redis":  # every node's time series go through Redis too
@@ -216,12 +218,27 @@ class Worker:
         directory = gen.directory
         if directory is not None:
             directory.poll(now)
-            if directory.lifecycle is not gen.lifecycle and gen.set_lifecycle(directory.lifecycle):
+            if directory.lifecycle is not gen.lifecycle and directory.lifecycle is not self._lifecycle_failed \
+                    and self._apply_lifecycle(gen):
                 state.use_router(gen.router)  # an API version changed state (admin API, store)
-                log.info("API lifecycle: %d version state(s) set in the store", len(gen.lifecycle))
         for canary in state.gen.canaries:
             canary.refresh()
         self._tick_handle = self.loop.call_later(state.gen.tick, self._tick)
+
+    def _apply_lifecycle(self, gen) -> bool:
+        """The directory's API version states into `gen`; whether its router changed. A failure
+        (a route that cannot be compiled) is logged, and the generation serves on as it was; the
+        same states are not tried again, the next change is."""
+        lifecycle = gen.directory.lifecycle
+        try:
+            changed = gen.set_lifecycle(lifecycle)
+        except Exception:
+            self._lifecycle_failed = lifecycle
+            log.exception("API lifecycle: the states set in the store cannot be applied; serving the previous ones")
+            return False
+        if changed:
+            log.info("API lifecycle: %d version state(s) set in the store", len(lifecycle))
+        return changed
 
     def drain(self) -> None:
         """Stop accepting, finish in-flight requests, close idle connections, abort after the deadline."""
