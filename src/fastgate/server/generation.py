@@ -339,14 +339,12 @@ class Generation:
         for i, (key, cr) in new.items():
             spec = self._specs[i]
             spec.key, spec.cr, spec.bindings = key, cr, None
-            if cr is not None:
-                spec.stats = cr.stats
-        self._route(apis, defaults)
+        self._route(defaults)
         self.lifecycle = overrides
         self._defaults = defaults
         return True
 
-    def _route(self, apis: dict, defaults: dict) -> None:
+    def _route(self, defaults: dict) -> None:
         """The router over the routes in their current states (drafts are not routed)."""
         entries = []
         switches: dict[str, VersionSwitch] = {}
