@@ -92,6 +92,19 @@ def test_valid_header_name_and_value_match_model(raw):
     assert core.valid_header_value(raw) == model.valid_header_value(raw)
 
 
+# the control-byte check reads 8 bytes at a time: long values, mostly clean, with one byte put
+# anywhere (tab, CR, LF, NUL, DEL, a byte just outside the ranges, obs-text)
+_EDGE = b"\t\r\n\x00\x1f\x7f\x7e\x20\x80\xff\x1e\x01"
+
+
+@settings(SETTINGS, max_examples=600)
+@given(st.binary(min_size=0, max_size=70).map(lambda b: bytes(c | 0x40 if c < 0x20 or c == 0x7F else c for c in b)),
+       st.integers(0, 70), st.sampled_from(list(_EDGE)), st.booleans())
+def test_control_byte_check_on_long_values_matches_model(clean, at, byte, insert):
+    raw = clean[:at] + bytes([byte]) + clean[at:] if insert else clean
+    assert core.valid_header_value(raw) == model.valid_header_value(raw)
+
+
 @settings(SETTINGS, max_examples=600)
 @given(header_lists)
 def test_scan_request_matches_model(headers):

@@ -25,3 +25,9 @@ cdef class ResponseHead:
 
 
 cpdef bytes remove_headers(bytes head, object names)
+cpdef RequestInfo scan_request(list headers)
+cpdef object find_header(list headers, bytes name)
+cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes host, bytes client_ip, bytes proto,
+                               bytes request_id, frozenset drop, tuple add, int body_mode, long long content_length,
+                               bint upgrade)
+cpdef object scan_response_head(object data, Py_ssize_t start, bint head_request, Py_ssize_t max_size)

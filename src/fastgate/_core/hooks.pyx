@@ -26,7 +26,7 @@ from .proxy cimport Exchange, WorkerState
 from .ratelimit cimport Limiter
 from .shm cimport fg_monotonic_ns
 
-from .headers import find_header
+from .headers cimport find_header
 
 cdef int64_t NS = 1000000000
 
