@@ -4,6 +4,9 @@ from typing import Any, final
 
 IDEMPOTENT: frozenset[bytes]
 
+def llhttp_direct() -> bool:
+    """True when request HTTP versions are read from llhttp's state (the import-time probe passed)."""
+
 @final
 class Exchange:
     """One request/response. A policy's hooks receive it; fields not listed here are internal."""

@@ -50,13 +50,75 @@ cdef extern from "<time.h>" nogil:
     tm* gmtime_r(const time_t* timep, tm* result)
     size_t strftime(char* s, size_t max, const char* fmt, const tm* t)
 
-from .headers import ChunkedScanner, build_request_head, find_header, scan_request, scan_response_head
+from .headers import ChunkedScanner
+from .headers cimport build_request_head, find_header, scan_request, scan_response_head
 from .router import normalize_path
 from ..errors import (GatewayError, NoHealthyUpstream, UpstreamConnectError, UpstreamProtocolError,
                       UpstreamResetError, UpstreamTimeout)
 from ..policies.base import IDENTITY_HEADERS
 from ..server.responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
 from ..server.balancer import HASH_CONSUMER, HASH_COOKIE, HASH_HEADER
+
+
+# --- reading the request's HTTP version straight from httptools' llhttp state --------------------
+# HttpParser.get_http_version() formats a str with str.format: about 5% of a proxied request's
+# instructions (callgrind). httptools keeps its llhttp_t* as the first field after the vtable; we
+# read http_major/http_minor there, only after _llhttp_probe() proved at
+# import, on this very httptools build, that the pointer is where we think (llhttp_t.data points
+# back at the parser object) and that the fields read back what a parser fed known requests set.
+# Any mismatch (another httptools layout) and the data plane keeps calling get_http_version().
+cdef extern from *:
+    """
+    #include <stdint.h>
+    typedef struct {
+        int32_t _index; void* _span_pos0; void* _span_cb0; int32_t error; const char* reason;
+        const char* error_pos; void* data; void* _current; uint64_t content_length;
+        uint8_t type; uint8_t method; uint8_t http_major; uint8_t http_minor;
+    } fg_llhttp_head;
+    typedef struct { PyObject_HEAD void* vtab; fg_llhttp_head* cparser; } fg_httptools_parser;
+    """
+    ctypedef struct fg_llhttp_head:
+        void* data
+        unsigned char http_major
+        unsigned char http_minor
+    ctypedef struct fg_httptools_parser:
+        fg_llhttp_head* cparser
+
+
+cdef inline fg_llhttp_head* _llhttp(object parser) noexcept:
+    return (<fg_httptools_parser*><void*>parser).cparser
+
+
+class _Probe:
+    def on_url(self, url):
+        pass
+
+
+cdef bint _llhttp_probe():
+    cdef fg_llhttp_head* h
+    try:
+        for req, version in ((b"GET / HTTP/1.0\r\n\r\n", "1.0"), (b"POST /x HTTP/1.1\r\nHost: a\r\n\r\n", "1.1")):
+            p = httptools.HttpRequestParser(_Probe())
+            if type(p) is not httptools.HttpRequestParser:
+                return False
+            h = _llhttp(p)
+            if h == NULL or h.data != <void*>p:
+                return False
+            p.feed_data(req)
+            if p.get_http_version() != version or "%d.%d" % (h.http_major, h.http_minor) != version:
+                return False
+    except Exception:
+        return False
+    return True
+
+
+cdef bint LLHTTP_DIRECT = _llhttp_probe()
+
+
+def llhttp_direct():
+    """True when requests' HTTP versions are read from llhttp's state (the probe above passed)."""
+    return LLHTTP_DIRECT
+
 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))  # retried on failure
 
@@ -140,7 +202,7 @@ cdef bytes _content_length(Py_ssize_t n):
     """b"Content-Length: %d\\r\\n" % n for n >= 0, without printf."""
     cdef char buf[48]
     cdef char digits[24]
-    cdef int k = 0
+    cdef int k = 0, i
     cdef size_t u = <size_t>n
     while True:
         digits[k] = <char>(48 + u % 10)
@@ -744,12 +806,16 @@ cdef class GatewayProtocol:
         ex.t0 = perf_counter()
         self._ex = ex
         ex.method = method = parser.get_method()
-        version = parser.get_http_version()
-        if version == "1.1":
-            ex.version = 11
-        elif version == "1.0":
-            ex.version = 10
-        else:  # HTTP/0.9 has no headers to route on; 2.0 and later never arrive as text
+        cdef fg_llhttp_head* lh
+        if LLHTTP_DIRECT:
+            lh = _llhttp(parser)
+            ex.version = lh.http_major * 10 + lh.http_minor if lh.http_major == 1 and lh.http_minor <= 1 else -1
+            if ex.version < 0:
+                version = "%d.%d" % (lh.http_major, lh.http_minor)
+        else:
+            version = parser.get_http_version()
+            ex.version = 11 if version == "1.1" else 10 if version == "1.0" else -1
+        if ex.version < 0:  # HTTP/0.9 has no headers to route on; 2.0 and later never arrive as text
             return self._reject(505 if version[:1] >= "2" else 400, "http_version_not_supported")
         ex.keep_alive = parser.should_keep_alive() and not state.draining
         headers = self._headers
@@ -773,10 +839,17 @@ cdef class GatewayProtocol:
             ex.upgrade = upgrade
         if info.expect_other:
             return self._reject(417, "expectation_failed")
-        url = self._url
+        cdef bytes url = self._url
+        cdef const char* qm
+        cdef Py_ssize_t ulen = PyBytes_GET_SIZE(url)
         host = info.host
-        if url[:1] == b"/":
-            path, _, query = url.partition(b"?")
+        if ulen and PyBytes_AS_STRING(url)[0] == c'/':
+            qm = <const char*>memchr(PyBytes_AS_STRING(url), c'?', ulen)
+            if qm == NULL:
+                path, query = url, b""
+            else:
+                path = PyBytes_FromStringAndSize(PyBytes_AS_STRING(url), qm - PyBytes_AS_STRING(url))
+                query = PyBytes_FromStringAndSize(qm + 1, ulen - (qm + 1 - PyBytes_AS_STRING(url)))
         elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
             if b"#" in url:  # absolute-URI has no fragment (RFC 9112 3.2.2), as origin-form has none
                 return self._reject(400, "bad_request", "invalid request target")
