@@ -5,7 +5,7 @@ import bisect
 import random
 import zlib
 
-from fastgate.server.balancer import key_hash
+from fastgate._core.balance import key_hash
 
 NAMES = [f"user{i}".encode() for i in range(16)]
 

@@ -1,5 +1,6 @@
 from libc.stdint cimport uint64_t
 
+from .balance cimport Balancer, Health, Peer, UpstreamCore
 from .headers cimport RequestInfo, ResponseHead, remove_headers
 from .stats cimport RouteStats
 
@@ -7,13 +8,27 @@ from .stats cimport RouteStats
 # one method call among them a C call (uvloop's handles/*.pxd pattern: fields typed in the .pxd,
 # the inline helpers final). Policies (Python) see Exchange's fields as `public` attributes.
 
-cdef class Target:
+cdef class RouteCore:
+    """What the data plane reads of a compiled route (server/generation.py's CompiledRoute extends it)."""
+    cdef public RouteStats stats  # this worker's counts for /metrics
+    cdef public str name
+    cdef public UpstreamCore group
+    cdef public object mock  # (head bytes without Date/Connection, body bytes) or None
+    cdef public bint preserve_host
+    cdef public frozenset req_drop
+    cdef public tuple req_add
+    cdef public bytes resp_add
+    cdef public frozenset resp_remove
+    cdef public object api  # the API's name, or None
+    cdef public object version  # the API version's name, or None
+    cdef public object chain  # the route's compiled policies (policies/base.py)
+    cdef public object canary  # server/canary.Canary: part of the traffic to another upstream
+
+
+cdef class Target(Peer):  # Peer: weight, active, health (balance.pxd)
     cdef public str address
     cdef public str host
     cdef public int port
-    cdef public int weight
-    cdef public object health
-    cdef public Py_ssize_t active  # exchanges in flight (least-connections, p2c)
     cdef public list idle  # LIFO: the warmest connection first
     cdef public Py_ssize_t max_idle
     cdef public double idle_timeout
@@ -52,7 +67,7 @@ cdef class UpstreamProtocol:
 cdef class Exchange:
     cdef public GatewayProtocol proto
     cdef public object binding  # the router's value: server.generation.Binding
-    cdef public object route  # server.generation.CompiledRoute (None: nothing routed)
+    cdef public RouteCore route  # server.generation.CompiledRoute (None: nothing routed)
     cdef public bytes method
     cdef public int version
     cdef public bint keep_alive
@@ -103,7 +118,7 @@ cdef class Exchange:
     cdef public object up_drop  # lowercase request header names policies keep from the upstream
     cdef public tuple params  # the route pattern's captured {params}, in order
     cdef public bytes host  # the authority routed on: Host, or an absolute-form target's (RFC 9112 3.2.2)
-    cdef public object group  # the UpstreamGroup proxied to: the route's, or its canary's
+    cdef public UpstreamCore group  # the UpstreamGroup proxied to: the route's, or its canary's
     cdef public object canary  # the route's Canary when this request went to the canary
     cdef public object span_parent  # OTLP export: the client's span id (hex), the parent of the gateway's span
 
@@ -187,7 +202,7 @@ cdef class GatewayProtocol:
     cdef _fail(self, Exchange ex, object exc)
     cdef _abort_client(self)
     cdef _timeout(self, Exchange ex, str what)
-    cdef bytes _hash_key(self, Exchange ex, object group)
+    cdef bytes _hash_key(self, Exchange ex, UpstreamCore group)
     cdef _count_consumer(self, Exchange ex, int status)
     cpdef pause_client_reading(self, int reason)
     cpdef resume_client_reading(self, int reason)

@@ -2,6 +2,9 @@
 import asyncio
 from typing import Any, final
 
+from .balance import Health, Peer, UpstreamCore
+from .stats import RouteStats
+
 IDEMPOTENT: frozenset[bytes]
 
 def llhttp_direct() -> bool:
@@ -11,7 +14,7 @@ def llhttp_direct() -> bool:
 class Exchange:
     """One request/response. A policy's hooks receive it; fields not listed here are internal."""
     proto: GatewayProtocol
-    route: Any  # server.generation.CompiledRoute
+    route: RouteCore | None  # server.generation.CompiledRoute
     method: bytes
     version: int  # 10 or 11
     keep_alive: bool
@@ -78,16 +81,29 @@ class GatewayProtocol:
     def abort(self) -> None: ...
 
 @final
-class Target:
+class RouteCore:
+    """The typed fields of server.generation.CompiledRoute (read by the data plane in C)."""
+    stats: RouteStats
+    name: str
+    group: UpstreamCore | None
+    mock: tuple[bytes, bytes] | None
+    preserve_host: bool
+    req_drop: frozenset[bytes]
+    req_add: tuple[tuple[bytes, bytes], ...]
+    resp_add: bytes
+    resp_remove: frozenset[bytes]
+    api: str | None
+    version: str | None
+    chain: Any  # policies.base.Chain
+    canary: Any  # server.canary.Canary | None
+
+class Target(Peer):
     address: str
     host: str
     port: int
-    weight: int
-    health: Any  # server.health.TargetHealth
-    active: int
     idle: list[UpstreamProtocol]
     host_header: bytes
-    def __init__(self, address: str, host: str, port: int, weight: int, pool_cfg: Any, health: Any,
+    def __init__(self, address: str, host: str, port: int, weight: int, pool_cfg: Any, health: Health,
                  host_header: bytes) -> None: ...
     def take_idle(self) -> UpstreamProtocol | None: ...
     def give_back(self, conn: UpstreamProtocol, now: float) -> None: ...

@@ -51,13 +51,13 @@ cdef extern from "<time.h>" nogil:
     size_t strftime(char* s, size_t max, const char* fmt, const tm* t)
 
 from .headers import ChunkedScanner
+from .balance cimport HASH_CONSUMER, HASH_COOKIE, HASH_HEADER
 from .headers cimport build_request_head, find_header, scan_request, scan_response_head
 from .router import normalize_path
 from ..errors import (GatewayError, NoHealthyUpstream, UpstreamConnectError, UpstreamProtocolError,
                       UpstreamResetError, UpstreamTimeout)
 from ..policies.base import IDENTITY_HEADERS
 from ..server.responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
-from ..server.balancer import HASH_CONSUMER, HASH_COOKIE, HASH_HEADER
 
 
 # --- reading the request's HTTP version straight from httptools' llhttp state --------------------
@@ -223,6 +223,10 @@ class _Reject(Exception):
 
 
 # --- upstream side ------------------------------------------------------------------------------
+cdef class RouteCore:
+    pass
+
+
 cdef class Target:
     """One upstream server: address, weight, health and its pool of idle connections."""
 
@@ -905,7 +909,7 @@ cdef class GatewayProtocol:
                 return self._no_route(ex, found)
             binding, params = found
         ex.params = params
-        route = binding.route
+        cdef RouteCore route = binding.route
         ex.binding = binding
         ex.route = route
         ex.expect = info.expect_continue
@@ -1272,7 +1276,7 @@ cdef class GatewayProtocol:
         self.pause_client_reading(P_DEAD)
 
     # --- upstream side ----------------------------------------------------------------------------
-    cdef bytes _hash_key(self, Exchange ex, object group):
+    cdef bytes _hash_key(self, Exchange ex, UpstreamCore group):
         if group.hash_on == HASH_HEADER:
             return find_header(ex.headers, group.hash_key) or b""
         if group.hash_on == HASH_COOKIE:
@@ -1287,7 +1291,9 @@ cdef class GatewayProtocol:
         return ex.client_ip  # the client real-ip found (the TCP peer otherwise); anonymous requests too
 
     cdef _proxy(self, Exchange ex):
-        group = ex.group
+        cdef UpstreamCore group = ex.group
+        cdef RouteCore route
+        cdef Target target
         if group is None:
             route = ex.route
             group = route.group
@@ -1333,10 +1339,10 @@ cdef class GatewayProtocol:
         self._send(ex, conn)
 
     cdef _send(self, Exchange ex, UpstreamProtocol conn):
-        target = ex.target
+        cdef Target target = ex.target
         conn.attach(ex)
         ex.conn = conn
-        route = ex.route
+        cdef RouteCore route = ex.route
         host = ex.host if route.preserve_host and ex.host else target.host_header
         drop = route.req_drop if ex.up_drop is None else route.req_drop | ex.up_drop
         try:
@@ -1387,7 +1393,7 @@ cdef class GatewayProtocol:
             ex.target = None
 
     cdef _retry_or_fail(self, Exchange ex, Target target, object exc, bint connect_failed=False, bint idle_reset=False):
-        group = ex.group
+        cdef UpstreamCore group = ex.group
         replayable = ex.sent is not None and (ex.method in IDEMPOTENT or connect_failed or idle_reset)
         # a kept-alive connection that the upstream had closed (its idle timeout crossed our request)
         # does not use up a retry, as in nginx: each such one leaves the pool, a new one is not reused
@@ -1432,7 +1438,7 @@ cdef class GatewayProtocol:
         """The head to send the client (the caller writes it, with the first body bytes)."""
         ex.status = rh.status
         ex.t_head = perf_counter()
-        route = ex.route
+        cdef RouteCore route = ex.route
         for hook in route.chain.response:
             hook(ex, rh)
         head = rh.head
@@ -1472,7 +1478,9 @@ cdef class GatewayProtocol:
     cdef response_done(self, Exchange ex, UpstreamProtocol conn, bint reusable):
         if ex.capture is not None:
             self._captured(ex)
-        target = ex.target
+        cdef Target target = ex.target
+        cdef Health health
+        cdef bint failed
         ex.conn = None
         ex.target = None
         state = self._state
@@ -1480,7 +1488,7 @@ cdef class GatewayProtocol:
         if target is not None:
             target.active -= 1
             health = target.health
-            failed = ex.status in health.fail_statuses
+            failed = health.failing(ex.status)
             if failed or health.failures or health.b_window:
                 health.report(not failed, now)
         if reusable and ex.req_done and not conn.closed:
@@ -1530,7 +1538,7 @@ cdef class GatewayProtocol:
         ex.responded = True
 
     cdef upstream_failed(self, Exchange ex, UpstreamProtocol conn, object exc):
-        target = ex.target
+        cdef Target target = ex.target
         idle_reset = conn.requests > 1 and not conn.got_bytes
         ex.conn = None
         ex.target = None
@@ -1591,6 +1599,7 @@ cdef class GatewayProtocol:
 
     # --- timeouts (called by the worker tick) -----------------------------------------------------
     def check(self, double now):
+        cdef UpstreamCore group
         if self._linger > 0:
             if now > self._linger:
                 self._close()

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import random
 
+from .._core.balance import key_hash
 from .._core.shm import monotonic_ns
-from .balancer import key_hash
 
 log = logging.getLogger("fastgate.canary")
 

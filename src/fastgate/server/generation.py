@@ -9,26 +9,26 @@ import logging
 
 import orjson
 
-from .._core.proxy import Target
+from .._core.balance import BALANCERS, HASH_ON, Health, UpstreamCore
+from .._core.proxy import RouteCore, Target
 from .._core.router import Router, parse_pattern
 from ..config.load import all_routes, split_address
 from ..config.schema import Config, RequestHeaders, ResponseHeaders
 from ..control.directory import Directory
 from ..metrics import RouteStats
 from ..policies.base import NO_POLICIES
-from .balancer import BALANCERS, HASH_CONSUMER, HASH_COOKIE, HASH_HEADER, HASH_IP
 from .canary import Canary
-from .health import TargetHealth, run_active_checks
+from .health import run_active_checks
 from .responses import status_line
 
 log = logging.getLogger("fastgate.generation")
 
-_HASH_ON = {"ip": HASH_IP, "header": HASH_HEADER, "cookie": HASH_COOKIE, "consumer": HASH_CONSUMER}
 
+class UpstreamGroup(UpstreamCore):
+    """An upstream: its targets, balancer and timeouts (typed in UpstreamCore, which the data plane
+    reads in C) and its active health checks."""
 
-class UpstreamGroup:
-    __slots__ = ("name", "targets", "balancer", "hash_on", "hash_key", "connect_timeout", "read_timeout",
-                 "write_timeout", "total_timeout", "retries", "active", "_task")
+    __slots__ = ("active", "_task")
 
     def __init__(self, cfg):
         self.name = cfg.name
@@ -36,10 +36,10 @@ class UpstreamGroup:
         for t in cfg.targets:
             host, port = split_address(t.address)
             host_header = (cfg.host_header or t.address).encode()
-            health = TargetHealth(t.address, cfg.health.passive, cfg.circuit_breaker)
+            health = Health(t.address, cfg.health.passive, cfg.circuit_breaker)
             self.targets.append(Target(t.address, host, port, t.weight, cfg.pool, health, host_header))
         self.balancer = BALANCERS[cfg.balancer](self.targets)
-        self.hash_on = _HASH_ON[cfg.hash_on] if cfg.balancer == "consistent_hash" else -1
+        self.hash_on = HASH_ON[cfg.hash_on] if cfg.balancer == "consistent_hash" else -1
         self.hash_key = (cfg.hash_key or "").lower().encode()
         self.connect_timeout = cfg.timeouts.connect
         self.read_timeout = cfg.timeouts.read
@@ -64,9 +64,10 @@ class UpstreamGroup:
         return {"name": self.name, "targets": [t.health.snapshot(now) for t in self.targets]}
 
 
-class CompiledRoute:
-    __slots__ = ("stats", "name", "group", "mock", "preserve_host", "req_drop", "req_add", "resp_add",
-                 "resp_remove", "api", "version", "chain", "canary")
+class CompiledRoute(RouteCore):
+    """A route as the data plane serves it (fields typed in RouteCore, read in C)."""
+
+    __slots__ = ()
 
     def __init__(self, r, group, mock, req_drop, req_add, resp_add, resp_remove, api=None, version=None,
                  stats=None):

@@ -1,4 +1,6 @@
-"""Load balancers over an upstream's targets. Each `pick(key, now)` returns a Target or None.
+"""Reference model of _core/balance.pyx: target health and the load balancers, in plain Python —
+the code the data plane ran before they were compiled. tests/property/test_balance.py drives the
+two side by side.
 
 Only targets whose health says `available` are considered. Weights are honoured by every
 balancer: smooth weighted round-robin (nginx's), least connections by active/weight, power of two
@@ -11,8 +13,101 @@ import bisect
 import random
 import zlib
 
-# what a consistent-hash upstream hashes on (UpstreamGroup.hash_on; -1: not hashing)
-HASH_IP, HASH_HEADER, HASH_COOKIE, HASH_CONSUMER = 0, 1, 2, 3
+CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+
+
+class TargetHealth:
+    __slots__ = ("address", "active_up", "_act_ok", "_act_fail", "failures", "max_failures", "eject_for",
+                 "ejected_until", "breaker", "b_window", "b_min", "b_ratio", "b_open_for", "b_start",
+                 "b_total", "b_failed", "b_until", "b_probe", "fail_statuses", "log")
+
+    def __init__(self, address: str, passive=None, breaker=None):
+        self.address = address
+        self.log = []  # the events the compiled Health logs: ejected, open, closed, healthy, unhealthy
+        self.active_up = True
+        self._act_ok = self._act_fail = 0
+        self.failures = 0
+        self.max_failures = passive.max_failures if passive is not None else 0
+        self.eject_for = passive.eject_for if passive is not None else 0.0
+        # responses that count as failures (passive checks and the breaker); default: any 5xx
+        self.fail_statuses = frozenset(passive.failure_statuses if passive is not None else range(500, 600))
+        self.ejected_until = 0.0
+        self.breaker = CLOSED
+        self.b_window = breaker.window if breaker else 0.0
+        self.b_min = breaker.min_requests if breaker else 0
+        self.b_ratio = breaker.failure_ratio if breaker else 0.0
+        self.b_open_for = breaker.open_for if breaker else 0.0
+        self.b_start = 0.0
+        self.b_total = self.b_failed = 0
+        self.b_until = 0.0
+        self.b_probe = False
+
+    def available(self, now: float) -> bool:
+        if not self.active_up or now < self.ejected_until:
+            return False
+        if self.breaker == CLOSED:
+            return True
+        if self.breaker == OPEN:
+            if now < self.b_until:
+                return False
+            self.breaker = HALF_OPEN
+            self.b_probe = False
+        return not self.b_probe  # half-open: exactly one probe in flight
+
+    def on_pick(self) -> None:
+        if self.breaker == HALF_OPEN:
+            self.b_probe = True
+
+    def report(self, ok: bool, now: float) -> None:
+        if ok:
+            self.failures = 0
+        else:
+            self.failures += 1
+            if self.max_failures and self.failures >= self.max_failures:
+                self.ejected_until = now + self.eject_for
+                self.failures = 0
+                self.log.append("ejected")
+        if not self.b_window:
+            return
+        if self.breaker == HALF_OPEN:
+            self.b_probe = False
+            if ok:
+                self.breaker = CLOSED
+                self.b_start, self.b_total, self.b_failed = now, 0, 0
+                self.log.append("closed")
+            else:
+                self._open(now)
+            return
+        if now - self.b_start > self.b_window:
+            self.b_start, self.b_total, self.b_failed = now, 0, 0
+        self.b_total += 1
+        if not ok:
+            self.b_failed += 1
+            if self.b_total >= self.b_min and self.b_failed >= self.b_ratio * self.b_total:
+                self._open(now)
+
+    def _open(self, now: float) -> None:
+        self.breaker = OPEN
+        self.b_until = now + self.b_open_for
+        self.log.append("open")
+
+    def active_result(self, ok: bool, healthy_threshold: int, unhealthy_threshold: int) -> None:
+        if ok:
+            self._act_fail = 0
+            self._act_ok += 1
+            if not self.active_up and self._act_ok >= healthy_threshold:
+                self.active_up = True
+                self.log.append("healthy")
+        else:
+            self._act_ok = 0
+            self._act_fail += 1
+            if self.active_up and self._act_fail >= unhealthy_threshold:
+                self.active_up = False
+                self.log.append("unhealthy")
+
+    def snapshot(self, now: float) -> dict:
+        return {"address": self.address, "available": self.available(now), "active_up": self.active_up,
+                "ejected": now < self.ejected_until, "circuit": ("closed", "open", "half_open")[self.breaker]}
 
 
 class Balancer:
@@ -38,6 +133,8 @@ class RoundRobin(Balancer):
     def pick(self, key, now, exclude=()):
         ts = self.targets
         n = len(ts)
+        if n == 0:
+            return None
         if n == 1:
             t = ts[0]
             return t if t.health.available(now) and not exclude else None
@@ -133,6 +230,8 @@ class ConsistentHash(Balancer):
         if not key:
             return self._fallback.pick(key, now, exclude)
         n = len(self._points)
+        if n == 0:
+            return None
         start = bisect.bisect_left(self._points, key_hash(key)) % n
         seen = set()
         for k in range(n):
