@@ -207,7 +207,8 @@ cdef class GatewayProtocol:
     cpdef pause_client_reading(self, int reason)
     cpdef resume_client_reading(self, int reason)
     cdef informational(self, Exchange ex, ResponseHead rh)
-    cdef bytes response_head(self, Exchange ex, UpstreamProtocol conn, ResponseHead rh)
+    cdef bytes response_head(self, Exchange ex, UpstreamProtocol conn, ResponseHead rh, const char* body=*,
+                             Py_ssize_t body_len=*)
     cdef response_done(self, Exchange ex, UpstreamProtocol conn, bint reusable)
     cdef _captured(self, Exchange ex)
     cdef upstream_failed(self, Exchange ex, UpstreamProtocol conn, object exc)

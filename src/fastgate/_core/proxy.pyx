@@ -198,9 +198,8 @@ cdef bytes _child_traceparent(WorkerState st, bytes parent):
     return tp
 
 
-cdef bytes _content_length(Py_ssize_t n):
-    """b"Content-Length: %d\\r\\n" % n for n >= 0, without printf."""
-    cdef char buf[48]
+cdef inline Py_ssize_t _format_content_length(char* buf, Py_ssize_t n) noexcept:
+    """Writes b"Content-Length: %d\\r\\n" % n (n >= 0) to buf (48 bytes), without printf; its length."""
     cdef char digits[24]
     cdef int k = 0, i
     cdef size_t u = <size_t>n
@@ -215,7 +214,53 @@ cdef bytes _content_length(Py_ssize_t n):
         buf[16 + i] = digits[k - 1 - i]
     buf[16 + k] = 13
     buf[17 + k] = 10
-    return PyBytes_FromStringAndSize(buf, 18 + k)
+    return 18 + k
+
+
+cdef bytes _content_length(Py_ssize_t n):
+    cdef char buf[48]
+    return PyBytes_FromStringAndSize(buf, _format_content_length(buf, n))
+
+
+# A response head is assembled from at most MAX_PIECES pieces (pointers into bytes objects the
+# caller holds, or into C buffers) in one allocation, with the body appended when it is small and
+# already here: one bytes object and one write, no list, no join, no body slice.
+cdef struct Piece:
+    const char* p
+    Py_ssize_t n
+
+cdef enum:
+    MAX_PIECES = 16
+    SMALL_BODY = 8192  # bodies up to this size ride in the head's buffer
+
+
+cdef inline int _add(Piece* ps, int k, object b) noexcept:
+    if b is not None and PyBytes_GET_SIZE(b):
+        ps[k].p = PyBytes_AS_STRING(b)
+        ps[k].n = PyBytes_GET_SIZE(b)
+        return k + 1
+    return k
+
+
+cdef inline int _lit(Piece* ps, int k, const char* s, Py_ssize_t n) noexcept:
+    ps[k].p = s
+    ps[k].n = n
+    return k + 1
+
+
+cdef bytes _assemble(Piece* ps, int k, const char* body, Py_ssize_t body_len):
+    cdef Py_ssize_t total = body_len, at = 0
+    cdef int i
+    for i in range(k):
+        total += ps[i].n
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* dst = PyBytes_AS_STRING(out)
+    for i in range(k):
+        memcpy(dst + at, ps[i].p, ps[i].n)
+        at += ps[i].n
+    if body_len:
+        memcpy(dst + at, body, body_len)
+    return out
 
 
 class _Reject(Exception):
@@ -389,7 +434,22 @@ cdef class UpstreamProtocol:
             ex.proto.start_tunnel(ex, rh, data[rh.end:])
             return
         self.mode = mode
-        head = ex.proto.response_head(ex, self, rh)
+        cdef Py_ssize_t end = rh.end, n = len(data)
+        if (mode == HEAD_LENGTH and 0 < rh.content_length <= n - end and rh.content_length <= SMALL_BODY
+                and ex.capture is None and type(data) is bytes):
+            # the whole (small) body is here: one buffer, one write (response_head appends it)
+            whole = ex.proto.response_head(ex, self, rh, PyBytes_AS_STRING(data) + end, rh.content_length)
+            if ex.capture is None:
+                self.sink = ex.proto.transport
+                self.remaining = 0
+                self.sink.write(whole)
+                if end + rh.content_length < n:
+                    self.keep_alive = False  # extra bytes after the body: never reuse
+                ex.proto.response_done(ex, self, self.keep_alive)
+                return
+            head = whole  # a response hook started a capture: the head alone came back
+        else:
+            head = ex.proto.response_head(ex, self, rh)
         cap = ex.capture
         if cap is None:
             self.sink = ex.proto.transport
@@ -402,7 +462,6 @@ cdef class UpstreamProtocol:
             # HTTP/1.0 clients and held-back responses get the body de-chunked
             self.decode = ex.version == 10 or (cap is not None and not cap.tee)
             self.scanner = ChunkedScanner(self.decode)
-        end = rh.end
         if mode == HEAD_NONE or (mode == HEAD_LENGTH and self.remaining == 0):
             self.sink.write(head)
             if end < len(data):
@@ -1434,26 +1493,35 @@ cdef class GatewayProtocol:
         if rh.status != 100 and ex.version == 11:
             self.transport.write(rh.head + b"\r\n")
 
-    cdef bytes response_head(self, Exchange ex, UpstreamProtocol conn, ResponseHead rh):
-        """The head to send the client (the caller writes it, with the first body bytes)."""
+    cdef bytes response_head(self, Exchange ex, UpstreamProtocol conn, ResponseHead rh, const char* body=NULL,
+                             Py_ssize_t body_len=0):
+        """The head to send the client (the caller writes it, with the first body bytes). Given
+        `body` (the whole body, already read), the head comes back with the body appended, unless
+        a response hook started a capture (then the caller sends the body as usual: check
+        ex.capture)."""
         ex.status = rh.status
         ex.t_head = perf_counter()
         cdef RouteCore route = ex.route
         for hook in route.chain.response:
             hook(ex, rh)
-        head = rh.head
+        cdef bytes head = rh.head
         if route.resp_remove or ex.resp_drop:
             head = remove_headers(head, route.resp_remove | ex.resp_drop if ex.resp_drop else route.resp_remove)
-        parts = [head]
-        mode = rh.body_mode
+        cdef int mode = rh.body_mode, k = 0
+        cdef Piece ps[MAX_PIECES]
+        cdef char clbuf[48]
+        cdef bytes latency = None
         held = ex.capture is not None and not ex.capture.tee
+        k = _add(ps, k, head)
         if held:
             pass  # framing is decided when the whole (transformed) body is known: response_done
         elif mode == 1 or (mode == 0 and rh.content_length >= 0):
-            parts.append(_content_length(rh.content_length))
+            k = _lit(ps, k, clbuf, _format_content_length(clbuf, rh.content_length))
         elif mode == 2:
             if ex.version == 11:
-                parts += (b"Transfer-Encoding: ", rh.te, b"\r\n")
+                k = _lit(ps, k, "Transfer-Encoding: ", 19)
+                k = _add(ps, k, rh.te)
+                k = _lit(ps, k, "\r\n", 2)
             else:
                 ex.keep_alive = False
         elif mode == 3:
@@ -1461,19 +1529,24 @@ cdef class GatewayProtocol:
         if not ex.req_done:
             ex.keep_alive = False
         if not ex.keep_alive or self._state.draining:
-            parts.append(CLOSE)
+            k = _add(ps, k, CLOSE)
         elif ex.version == 10:
-            parts.append(KEEP_ALIVE)
+            k = _add(ps, k, KEEP_ALIVE)
         if self._state.latency_headers:
             now = perf_counter()
-            parts.append(b"X-Upstream-Latency: %d\r\nX-Gateway-Latency: %d\r\n"
-                         % (int((now - ex.t_up) * 1000), int((ex.t_up - ex.t0) * 1000)))
-        parts += (b"X-Request-ID: ", ex.request_id, b"\r\n", route.resp_add, ex.resp_extra)
+            latency = (b"X-Upstream-Latency: %d\r\nX-Gateway-Latency: %d\r\n"
+                       % (int((now - ex.t_up) * 1000), int((ex.t_up - ex.t0) * 1000)))
+            k = _add(ps, k, latency)
+        k = _lit(ps, k, "X-Request-ID: ", 14)
+        k = _add(ps, k, ex.request_id)
+        k = _lit(ps, k, "\r\n", 2)
+        k = _add(ps, k, route.resp_add)
+        k = _add(ps, k, ex.resp_extra)
         if held:
-            return b"".join(parts)  # not sent yet: response_done adds the framing and the body
-        parts.append(b"\r\n")
+            return _assemble(ps, k, NULL, 0)  # not sent yet: response_done adds the framing and the body
+        k = _lit(ps, k, "\r\n", 2)
         ex.responded = True
-        return b"".join(parts)
+        return _assemble(ps, k, body if ex.capture is None else NULL, body_len if ex.capture is None else 0)
 
     cdef response_done(self, Exchange ex, UpstreamProtocol conn, bint reusable):
         if ex.capture is not None:
