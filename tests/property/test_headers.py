@@ -237,6 +237,28 @@ def test_scan_response_head_matches_model(args, wrap):
     _check_response(*args, wrap=wrap)
 
 
+@settings(SETTINGS, max_examples=200)
+@given(st.integers(25, 90), st.lists(st.tuples(st.sampled_from(RESP_NAMES), st.sampled_from(RESP_VALUES)),
+                                     min_size=1, max_size=4),
+       st.one_of(st.none(), st.integers(0, 89)), st.binary(min_size=1, max_size=3))
+def test_scan_response_head_with_many_lines_matches_model(n, pool, bad_at, bad):
+    """Heads with more lines than the scanner keeps on the C stack (32), one maybe broken."""
+    lines = [pool[i % len(pool)][0] + b": " + pool[i % len(pool)][1] for i in range(n)]
+    if bad_at is not None and bad_at < n:
+        lines[bad_at] = bad + lines[bad_at]
+    data = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\nbody"
+    assert _rh(data) == _model_rh(data)
+
+
+def test_response_head_of_100_lines_keeps_every_end_to_end_line():
+    lines = [b"X-H%d: v%d" % (i, i) for i in range(100)]
+    data = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines) + b"Content-Length: 4\r\n\r\nbody"
+    rh = core.scan_response_head(data, 0, False, 65536)
+    assert rh.head == b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines)
+    assert rh.content_length == 4 and rh.end == len(data) - 4
+    assert _rh(data) == _model_rh(data)
+
+
 # every combination of the framing fields, both orders: small enough to enumerate
 FRAMING_CL = [[], [b"0"], [b"5"], [b"5, 5"], [b"5", b"5"], [b"5", b"6"], [b"5, 6"], [b""]]
 FRAMING_TE = [[], [b"chunked"], [b"Chunked "], [b"gzip"], [b"gzip, chunked"], [b"chunked, gzip"], [b"gzip", b"chunked"],
@@ -559,3 +581,29 @@ def test_find_header_reads_pairs_that_are_lists():
     headers = [[b"X-A", b"1"], (b"x-b", b"2")]
     assert core.find_header(headers, b"x-a") == b"1" == model.find_header([tuple(p) for p in headers], b"x-a")
     assert core.find_header(headers, b"x-b") == b"2"
+
+
+LITERALS = [b"te", b"via", b"host", b"expect", b"upgrade", b"trailer", b"connection", b"keep-alive", b"x-request-id",
+            b"content-length", b"x-forwarded-for", b"x-forwarded-host", b"proxy-connection", b"transfer-encoding",
+            b"chunked", b"close"]
+
+
+@st.composite
+def near_literal(draw):
+    """A literal with its letters' case flipped at random, maybe one byte replaced by any byte."""
+    lit = draw(st.sampled_from(LITERALS))
+    data = bytearray(c ^ 0x20 if chr(c).isalpha() and draw(st.booleans()) else c for c in lit)
+    if draw(st.booleans()):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data), lit
+
+
+@given(st.one_of(near_literal(), st.tuples(st.binary(max_size=20), st.sampled_from(LITERALS))))
+def test_ascii_case_insensitive_compare_matches_bytes_lower(case):
+    data, lit = case
+    assert core.ascii_ieq(data, lit) == (data.lower() == lit)
+
+
+@given(st.binary(max_size=40))
+def test_control_byte_check_matches_model_at_every_length(value):
+    assert core.valid_header_value(value) == model.valid_header_value(value)

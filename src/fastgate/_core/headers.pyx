@@ -110,6 +110,15 @@ cdef inline bint _ctl_free(const char* p, Py_ssize_t n) noexcept nogil:
         if (((x - 0x2020202020202020ULL) & ~x) | ((y - 0x0101010101010101ULL) & ~y)) & 0x8080808080808080ULL:
             break
         i += 8
+    if i < n and i + 8 > n:  # the tail: the last 8 bytes (overlapping), or the short value padded
+        if n >= 8:
+            memcpy(&x, p + n - 8, 8)
+        else:
+            x = 0x4141414141414141ULL
+            memcpy(&x, p, n)
+        y = x ^ 0x7F7F7F7F7F7F7F7FULL
+        if not ((((x - 0x2020202020202020ULL) & ~x) | ((y - 0x0101010101010101ULL) & ~y)) & 0x8080808080808080ULL):
+            return True
     while i < n:
         c = <unsigned char>p[i]
         if (c < 0x20 and c != 0x09) or c == 0x7F:
@@ -529,11 +538,21 @@ cdef class ResponseHead:
     """A scanned upstream response head (fields declared in headers.pxd)."""
 
 
+cdef enum:
+    LINES_SMALL = 32  # response header lines kept on the C stack
+
+
 cdef struct Line:
     Py_ssize_t start      # of the name
     Py_ssize_t name_len
     Py_ssize_t end        # just past CRLF
     int code
+
+
+def ascii_ieq(bytes data not None, bytes lowercase not None):
+    """data == lowercase, ignoring ASCII case: the comparison header names and tokens get (tests)."""
+    return _ieq(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), PyBytes_AS_STRING(lowercase),
+                PyBytes_GET_SIZE(lowercase))
 
 
 def valid_header_name(bytes name not None):
@@ -557,7 +576,7 @@ cpdef object scan_response_head(object data, Py_ssize_t start, bint head_request
 
 
 cdef object _scan_response(const char* p, Py_ssize_t n, Py_ssize_t start, bint head_request, Py_ssize_t max_size):
-    cdef Py_ssize_t pos = start, eol, i, reason_start, reason_end, nl, vl, tn, tpos, nlines = 0, cap = 0
+    cdef Py_ssize_t pos = start, eol, i, reason_start, reason_end, nl, vl, tn, tpos, nlines = 0, cap = LINES_SMALL
     cdef Py_ssize_t limit = n if n - start <= max_size else start + max_size
     cdef const char* v
     cdef const char* tok
@@ -565,7 +584,8 @@ cdef object _scan_response(const char* p, Py_ssize_t n, Py_ssize_t start, bint h
     cdef int status, version, code, j
     cdef int64_t cl = -1, val
     cdef bint te_seen = False, chunked = False, conn_close = False, conn_keep = False, cl_seen = False
-    cdef Line* lines = NULL
+    cdef Line lines_small[LINES_SMALL]
+    cdef Line* lines = lines_small  # on the heap past LINES_SMALL lines
     cdef Line* ln
     cdef list conn_tokens = None
     cdef object te_value = None
@@ -605,9 +625,8 @@ cdef object _scan_response(const char* p, Py_ssize_t n, Py_ssize_t start, bint h
             raise ValueError("bad status line")
         reason_start = pos + 13
         reason_end = eol - 1
-        for i in range(reason_start, reason_end):
-            if (<unsigned char>p[i] < 0x20 and p[i] != c'\t') or <unsigned char>p[i] == 0x7F:
-                raise ValueError("control character in reason phrase")
+        if not _ctl_free(p + reason_start, reason_end - reason_start):
+            raise ValueError("control character in reason phrase")
     pos = eol + 1
     try:
         # header lines
@@ -626,11 +645,13 @@ cdef object _scan_response(const char* p, Py_ssize_t n, Py_ssize_t start, bint h
             if _ows(<unsigned char>p[pos]):
                 raise ValueError("obs-fold in response head")
             i = pos
-            while i < eol - 1 and p[i] != c':':
-                if not TCHAR[<unsigned char>p[i]]:
-                    raise ValueError("invalid header name in response")
+            while TCHAR[<unsigned char>p[i]]:  # stops at the line's CR at the latest (not a tchar)
                 i += 1
-            if i == eol - 1 or i == pos:
+            if p[i] != c':':
+                if i == eol - 1:
+                    raise ValueError("header line without a name or colon")
+                raise ValueError("invalid header name in response")
+            if i == pos:
                 raise ValueError("header line without a name or colon")
             nl = i - pos
             v = p + i + 1
@@ -677,8 +698,13 @@ cdef object _scan_response(const char* p, Py_ssize_t n, Py_ssize_t start, bint h
                             conn_tokens = []
                         conn_tokens.append(PyBytes_FromStringAndSize(tok, tn).lower())
             if nlines == cap:
-                cap = cap * 2 if cap else 32
-                ln = <Line*>PyMem_Realloc(lines, cap * sizeof(Line))
+                cap = cap * 2
+                if lines == lines_small:
+                    ln = <Line*>PyMem_Malloc(cap * sizeof(Line))
+                    if ln != NULL:
+                        memcpy(ln, lines_small, nlines * sizeof(Line))
+                else:
+                    ln = <Line*>PyMem_Realloc(lines, cap * sizeof(Line))
                 if ln == NULL:
                     raise MemoryError()
                 lines = ln
@@ -708,7 +734,8 @@ cdef object _scan_response(const char* p, Py_ssize_t n, Py_ssize_t start, bint h
         finally:
             _w_free(&w)
     finally:
-        PyMem_Free(lines)
+        if lines != lines_small:
+            PyMem_Free(lines)
     rh.status = status
     rh.version = version
     rh.end = pos

@@ -7,6 +7,9 @@ from .stats import RouteStats
 
 IDEMPOTENT: frozenset[bytes]
 
+def hex16(v: int) -> bytes:
+    """The 16 hex digits the data plane writes for v (request and trace ids)."""
+
 def llhttp_direct() -> bool:
     """True when request HTTP versions are read from llhttp's state (the import-time probe passed)."""
 

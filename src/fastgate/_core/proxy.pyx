@@ -37,7 +37,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.math cimport isinf, isnan
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
@@ -171,11 +171,38 @@ cdef inline uint64_t _random64(WorkerState st) noexcept:
     return st.rng1 + s0
 
 
+cdef extern from *:
+    """
+    /* 8 lowercase hex digits of v, most significant first: the nibbles spread one per byte, then
+       '0' added to each and 'a'-'0'-10 more where the nibble is above 9 (SWAR, no loop). */
+    static inline void fg_hex8(char* out, uint32_t v) {
+    #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        uint64_t x = v, m;
+        x = ((x & 0xFFFF0000ULL) << 16) | (x & 0xFFFFULL);
+        x = ((x & 0x0000FF000000FF00ULL) << 8) | (x & 0x000000FF000000FFULL);
+        x = ((x & 0x00F000F000F000F0ULL) << 4) | (x & 0x000F000F000F000FULL);
+        m = ((x + 0x0606060606060606ULL) >> 4) & 0x0101010101010101ULL;
+        x = __builtin_bswap64(x + 0x3030303030303030ULL + m * 0x27);
+        memcpy(out, &x, 8);
+    #else
+        int i;
+        for (i = 7; i >= 0; i--) { out[i] = "0123456789abcdef"[v & 15]; v >>= 4; }
+    #endif
+    }
+    """
+    void fg_hex8(char* out, uint32_t v) noexcept nogil
+
+
 cdef inline void _hex16(char* out, uint64_t v) noexcept:
-    cdef int i
-    for i in range(15, -1, -1):
-        out[i] = HEX[v & 15]
-        v >>= 4
+    fg_hex8(out, <uint32_t>(v >> 32))
+    fg_hex8(out + 8, <uint32_t>v)
+
+
+def hex16(uint64_t v):
+    """The 16 hex digits the data plane writes for `v` (request and trace ids); for tests."""
+    cdef char out[16]
+    _hex16(out, v)
+    return PyBytes_FromStringAndSize(out, 16)
 
 
 cdef bytes _new_traceparent(WorkerState st, bint sampled):
