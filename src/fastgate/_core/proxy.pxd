@@ -2,6 +2,7 @@ from libc.stdint cimport uint64_t
 
 from .balance cimport Balancer, Health, Peer, UpstreamCore
 from .headers cimport RequestInfo, ResponseHead, remove_headers
+from .router cimport Router
 from .stats cimport RouteStats
 
 # The data plane's per-connection objects as cdef classes: one field access is a C struct read,
@@ -23,6 +24,14 @@ cdef class RouteCore:
     cdef public object version  # the API version's name, or None
     cdef public object chain  # the route's compiled policies (policies/base.py)
     cdef public object canary  # server/canary.Canary: part of the traffic to another upstream
+
+
+cdef class RouterValue:
+    """What the router holds for a path pattern (server/generation.py): a Binding (one route and
+    how to build its upstream path) or a VersionSwitch (an API whose versions share the pattern)."""
+    cdef public bint switch  # a VersionSwitch: its select() picks the binding
+    cdef public bint plain  # the upstream path is the request's (no strip, no rewrite)
+    cdef public RouteCore route  # a Binding's route
 
 
 cdef class Target(Peer):  # Peer: weight, active, health (balance.pxd)
@@ -66,7 +75,7 @@ cdef class UpstreamProtocol:
 
 cdef class Exchange:
     cdef public GatewayProtocol proto
-    cdef public object binding  # the router's value: server.generation.Binding
+    cdef public RouterValue binding  # the router's value: server.generation.Binding
     cdef public RouteCore route  # server.generation.CompiledRoute (None: nothing routed)
     cdef public bytes method
     cdef public int version
@@ -130,7 +139,7 @@ cdef class WorkerState:
     cdef Py_ssize_t max_connections, max_uri_bytes, max_header_bytes, max_headers, max_body_bytes
     cdef Py_ssize_t keepalive_requests
     cdef bint underscores_in_headers, tracing, latency_headers, consumer_label
-    cdef object router
+    cdef Router router
     cdef public set connections
     cdef public bytes date
     cdef public bytes rid_prefix

@@ -63,7 +63,8 @@ from ..server.responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
 # --- reading the request's HTTP version straight from httptools' llhttp state --------------------
 # HttpParser.get_http_version() formats a str with str.format: about 5% of a proxied request's
 # instructions (callgrind). httptools keeps its llhttp_t* as the first field after the vtable; we
-# read http_major/http_minor there, only after _llhttp_probe() proved at
+# read http_major/http_minor and the method code there (a code's name comes from get_method() the first
+# time the code is seen, then from _METHOD_NAMES), only after _llhttp_probe() proved at
 # import, on this very httptools build, that the pointer is where we think (llhttp_t.data points
 # back at the parser object) and that the fields read back what a parser fed known requests set.
 # Any mismatch (another httptools layout) and the data plane keeps calling get_http_version().
@@ -79,6 +80,7 @@ cdef extern from *:
     """
     ctypedef struct fg_llhttp_head:
         void* data
+        unsigned char method
         unsigned char http_major
         unsigned char http_minor
     ctypedef struct fg_httptools_parser:
@@ -107,12 +109,28 @@ cdef bint _llhttp_probe():
             p.feed_data(req)
             if p.get_http_version() != version or "%d.%d" % (h.http_major, h.http_minor) != version:
                 return False
+            if h.method != (1 if p.get_method() == b"GET" else 3 if p.get_method() == b"POST" else 255):
+                return False  # llhttp's codes: HTTP_GET 1, HTTP_POST 3
     except Exception:
         return False
     return True
 
 
 cdef bint LLHTTP_DIRECT = _llhttp_probe()
+cdef list _METHOD_NAMES = [None] * 256  # llhttp method code -> get_method()'s bytes, as seen
+
+
+cdef inline bytes _method(object parser):
+    cdef unsigned char code
+    cdef object name
+    if not LLHTTP_DIRECT:
+        return parser.get_method()
+    code = _llhttp(parser).method
+    name = _METHOD_NAMES[code]
+    if name is None:
+        name = parser.get_method()
+        _METHOD_NAMES[code] = name
+    return name
 
 
 def llhttp_direct():
@@ -299,6 +317,10 @@ cdef class RouteCore:
     pass
 
 
+cdef class RouterValue:
+    pass
+
+
 cdef class Target:
     """One upstream server: address, weight, health and its pool of idle connections."""
 
@@ -318,9 +340,10 @@ cdef class Target:
         self.loop = None
 
     cpdef object take_idle(self):
+        cdef UpstreamProtocol conn
         idle = self.idle
         while idle:
-            conn = idle.pop()
+            conn = <UpstreamProtocol>idle.pop()
             if not conn.closed:
                 return conn
         return None
@@ -895,7 +918,7 @@ cdef class GatewayProtocol:
         parser = self._parser
         ex.t0 = perf_counter()
         self._ex = ex
-        ex.method = method = parser.get_method()
+        ex.method = method = _method(parser)
         cdef fg_llhttp_head* lh
         if LLHTTP_DIRECT:
             lh = _llhttp(parser)
@@ -988,12 +1011,14 @@ cdef class GatewayProtocol:
         found = state.router.match(method, host, npath)
         if found is None:
             return self._no_route(ex, "no_route")
-        binding, params = found
+        cdef RouterValue binding = <RouterValue?>(<tuple>found)[0]
+        params = (<tuple>found)[1]
         if binding.switch:  # an API whose versions share paths: header or query picks
             found = binding.select(method, host, npath, headers, query)
             if found.__class__ is str:
                 return self._no_route(ex, found)
-            binding, params = found
+            binding = <RouterValue?>(<tuple>found)[0]
+            params = (<tuple>found)[1]
         ex.params = params
         cdef RouteCore route = binding.route
         ex.binding = binding

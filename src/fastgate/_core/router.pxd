@@ -73,6 +73,7 @@ cdef class Router:
     cdef tuple _values          # value of each entry, by rank
     cdef tuple _bare            # prebuilt (value, ()) by rank for entries without params, else None
 
+    cpdef object match(self, bytes method, bytes host, bytes path)
     cdef void _free(self) noexcept
     cdef int32_t _lookup(self, int32_t parent, const char* key, Py_ssize_t n, bint fold) noexcept nogil
     cdef int32_t _lookup_hashed(self, int32_t parent, uint64_t h, const char* key, Py_ssize_t n,

@@ -548,8 +548,10 @@ cdef class Router:
     def __repr__(self):
         return f"<Router: {self._n_entries} entries>"
 
-    def match(self, bytes method not None, bytes host not None, bytes path not None):
+    cpdef object match(self, bytes method, bytes host, bytes path):
         """(value, params) of the winning entry for this request, or None."""
+        if method is None or host is None or path is None:
+            raise TypeError("match takes bytes method, host and path, not None")
         cdef Search s
         cdef Frame frames_small[FRAMES_SMALL]
         cdef Py_ssize_t cur_small[2 * PARAMS_SMALL]

@@ -10,7 +10,7 @@ import logging
 import orjson
 
 from .._core.balance import BALANCERS, HASH_ON, Health, UpstreamCore
-from .._core.proxy import RouteCore, Target
+from .._core.proxy import RouteCore, RouterValue, Target
 from .._core.router import Router, parse_pattern
 from ..config.load import all_routes, split_address
 from ..config.schema import Config, RequestHeaders, ResponseHeaders
@@ -86,13 +86,14 @@ class CompiledRoute(RouteCore):
         self.canary = None  # server/canary.Canary: part of the traffic to another upstream
 
 
-class Binding:
-    """The router's value for one (route, path pattern): how to build the upstream path."""
+class Binding(RouterValue):
+    """The router's value for one (route, path pattern): how to build the upstream path (route,
+    plain and switch, which is False here, are RouterValue's typed fields)."""
 
-    __slots__ = ("route", "names", "strip", "rewrite", "plain")
-    switch = False  # a VersionSwitch stands in the router's place of a Binding: the protocol asks this
+    __slots__ = ("names", "strip", "rewrite")
 
     def __init__(self, route: CompiledRoute, pattern: str, strip_path: bool, rewrite: str | None):
+        self.switch = False  # a VersionSwitch stands in the router's place of a Binding: the protocol asks this
         self.route = route
         self.names = parse_pattern(pattern)
         self.strip = b""
@@ -112,16 +113,16 @@ class Binding:
         return path
 
 
-class VersionSwitch:
+class VersionSwitch(RouterValue):
     """The router's value for every path pattern of an API whose versions share paths: the request
     names a version in a header or a query parameter (`version_by`; none: the default version), and
     that version's own router — its routes only — matches the request. So versions may use
     different or overlapping patterns (v1 `/*`, v2 `/{id}`): each is matched as if alone."""
 
     __slots__ = ("api", "by_header", "key", "default", "entries", "routers")
-    switch = True
 
     def __init__(self, api, default: str | None):
+        self.switch = True
         self.api = api.name
         self.by_header = api.version_by == "header"
         self.key = (api.version_key or ("Api-Version" if self.by_header else "version")).lower().encode()
