@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext as _build_ext
 
 DEBUG = os.environ.get("FASTGATE_DEBUG") == "1"
-MODULES = ["router", "headers", "shm", "ratelimit", "stats", "balance", "proxy", "hooks"]
+MODULES = ["router", "headers", "shm", "ratelimit", "stats", "balance", "chain", "proxy", "hooks"]
 DIRECTIVES = {
     "language_level": "3",
     "embedsignature": True,

@@ -2,7 +2,7 @@
 from importlib.util import find_spec
 
 try:
-    from . import balance, headers, ratelimit, router, shm, stats  # noqa: F401
+    from . import balance, chain, headers, ratelimit, router, shm, stats  # noqa: F401
     # the data plane (and the hooks, which cimport it) import policy and server modules, so they are
     # not imported here; but they must exist, compiled
     for _m in ("proxy", "hooks"):
@@ -14,4 +14,4 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "run `pip install -e .` (needs a C compiler)"
     ) from exc
 
-MODULES = ("router", "headers", "shm", "ratelimit", "stats", "balance", "proxy", "hooks")
+MODULES = ("router", "headers", "shm", "ratelimit", "stats", "balance", "chain", "proxy", "hooks")

@@ -1,6 +1,7 @@
 from libc.stdint cimport uint64_t
 
 from .balance cimport Balancer, Health, Peer, UpstreamCore
+from .chain cimport ChainCore
 from .headers cimport RequestInfo, ResponseHead, remove_headers
 from .router cimport Router
 from .stats cimport RouteStats
@@ -22,7 +23,7 @@ cdef class RouteCore:
     cdef public frozenset resp_remove
     cdef public object api  # the API's name, or None
     cdef public object version  # the API version's name, or None
-    cdef public object chain  # the route's compiled policies (policies/base.py)
+    cdef public ChainCore chain  # the route's compiled policies (policies/base.py)
     cdef public object canary  # server/canary.Canary: part of the traffic to another upstream
 
 
@@ -193,7 +194,7 @@ cdef class GatewayProtocol:
     cdef _body_ready(self, Exchange ex)
     cdef _enqueue(self, Exchange ex)
     cdef _run_chain(self, Exchange ex, tuple chain, Py_ssize_t i)
-    cdef _run_chain_timed(self, Exchange ex, object chain)
+    cdef _run_chain_timed(self, Exchange ex, ChainCore chain)
     cdef _answered(self, Exchange ex, object r, tuple chain, Py_ssize_t i)
     cdef _start(self, Exchange ex)
     cdef _finish(self, Exchange ex)

@@ -1038,7 +1038,7 @@ cdef class GatewayProtocol:
                     tp = _child_traceparent(state, tp)
                 ex.trace = tp
                 ex.up_add = ((b"traceparent", tp),)
-        chain = route.chain
+        cdef ChainCore chain = route.chain
         if chain.active:
             if chain.body:
                 if info.content_length > chain.body_limit:
@@ -1167,7 +1167,7 @@ cdef class GatewayProtocol:
         ex.pending = fut
         fut.add_done_callback(lambda f, ex=ex, chain=chain, i=i: self._chain_resumed(ex, chain, i, f))
 
-    cdef _run_chain_timed(self, Exchange ex, object chain):
+    cdef _run_chain_timed(self, Exchange ex, ChainCore chain):
         """_run_chain for a sampled request: each hook's own time goes to the policy histogram
         (a hook that waits is timed up to the moment it hands back its awaitable)."""
         hooks = chain.request

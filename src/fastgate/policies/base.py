@@ -20,6 +20,8 @@ policy was attached (global → API → route), then by declaration order.
 """
 from __future__ import annotations
 
+from .._core.chain import ChainCore
+
 PHASES = ("access", "authentication", "authorization", "limits", "request", "cache", "upstream", "response",
           "log")
 PHASE = {name: i for i, name in enumerate(PHASES)}
@@ -92,12 +94,12 @@ def attached(cfg, api, route) -> list[tuple[str, object]]:
     return out
 
 
-class Chain:
+class Chain(ChainCore):
     """A route's compiled policies: request hooks (after the head), body hooks (after the whole
-    body, which the route then buffers up to `body_limit`), and request headers never forwarded."""
+    body, which the route then buffers up to `body_limit`), and request headers never forwarded.
+    The fields are ChainCore's (_core/chain.pyx), typed: the data plane reads them in C."""
 
-    __slots__ = ("active", "request", "request_names", "body", "response", "response_end", "done", "drops", "body_limit",
-                 "policies")
+    __slots__ = ()
 
     def __init__(self, policies: list, labels: list[str] | None = None):
         self.policies = tuple(policies)
