@@ -146,6 +146,35 @@ def test_key_auth_hook_takes_a_known_key_itself():
     assert calls == [ex]  # an unknown key: the policy answers
 
 
+def test_key_auth_hook_remembers_digests_not_verdicts():
+    """A key's digest is remembered between requests, the answer is not: a key revoked after it
+    was used (gone from the hashes) is handed to the policy at once; a flood of made-up keys past
+    the remembered-digest bound leaves known keys working."""
+    pol = key_auth("apikey", None, True, None)
+    calls = []
+    from fastgate._core.hooks import KeyAuth
+    from fastgate.policies.auth import hash_key
+
+    by_hash = dict(pol.by_hash)
+    hook = KeyAuth(b"apikey", by_hash, None, lambda ex: calls.append(ex)).request
+    (proto, _m), = [protocol()]
+
+    def ask(key):
+        ex = Exchange(proto)
+        ex.headers = [(b"apikey", key)]
+        ex.query = b""
+        hook(ex)
+        return ex
+
+    assert ask(b"kb").consumer.username == "bob" and ask(b"kb").consumer.username == "bob" and calls == []
+    del by_hash[hash_key("kb").removeprefix("sha256:").encode()]
+    refused = ask(b"kb")
+    assert calls == [refused] and refused.consumer is None
+    for i in range(10_050):
+        ask(b"made-up-%d" % i)
+    assert len(calls) == 1 + 10_050 and ask(b"ka").consumer.username == "ann"
+
+
 # --- JwtCached vs JwtPolicy.request ------------------------------------------------------------------
 SECRET = "a-test-secret-of-at-least-thirty-two-bytes!"
 

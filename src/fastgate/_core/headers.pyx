@@ -406,6 +406,20 @@ cdef bint _listed(const char* n, Py_ssize_t nl, list conn_tokens, frozenset drop
     return False
 
 
+cdef enum:
+    LINES_SMALL = 32  # response header lines kept on the C stack
+    DROP_SMALL = 32  # names build_request_head drops, kept on the C stack
+
+
+cdef inline bint _in_names(const char* n, Py_ssize_t nl, const char** names, Py_ssize_t* lens,
+                           int count) noexcept nogil:
+    cdef int i
+    for i in range(count):
+        if lens[i] == nl and _ieq(n, nl, names[i], nl):
+            return True
+    return False
+
+
 cdef list _connection_tokens(list headers):
     """Lowercased Connection tokens other than close/keep-alive/upgrade, or None (the usual case)."""
     cdef list out = None
@@ -446,6 +460,18 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
     cdef list xff = None, via = None
     cdef char num[32]
     cdef int k
+    # the names to drop, as C pointers: iterated once here, not once per header (a frozenset's
+    # iteration is a Python iterator); past DROP_SMALL names, _listed iterates the set itself
+    cdef const char* drop_names[DROP_SMALL]
+    cdef Py_ssize_t drop_lens[DROP_SMALL]
+    cdef int ndrop = 0
+    cdef bint drop_in_c = drop is not None and len(drop) <= DROP_SMALL
+    cdef bytes t
+    if drop_in_c:
+        for t in drop:
+            drop_names[ndrop] = PyBytes_AS_STRING(t)
+            drop_lens[ndrop] = PyBytes_GET_SIZE(t)
+            ndrop += 1
     _w_init(&w, small)
     try:
         if not _is_token(PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method)):
@@ -478,7 +504,11 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
                     upgrade_value = value
                 if code != H_EXPECT:
                     continue
-            if (conn_tokens is not None or drop) and _listed(n, nl, conn_tokens, drop):
+            if drop_in_c:
+                if _in_names(n, nl, drop_names, drop_lens, ndrop) or (
+                        conn_tokens is not None and _listed(n, nl, conn_tokens, None)):
+                    continue
+            elif (conn_tokens is not None or drop) and _listed(n, nl, conn_tokens, drop):
                 continue
             _w_header(&w, n, nl, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
         _w(&w, b"X-Forwarded-For: ", 17)
@@ -534,12 +564,9 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
 
 
 # --- responses ---------------------------------------------------------------------------------
+@cython.freelist(64)
 cdef class ResponseHead:
     """A scanned upstream response head (fields declared in headers.pxd)."""
-
-
-cdef enum:
-    LINES_SMALL = 32  # response header lines kept on the C stack
 
 
 cdef struct Line:
@@ -928,9 +955,24 @@ cpdef bytes remove_headers(bytes head, object names):
     cdef list out = None
     cdef bytes name
     cdef char* w
+    cdef bint drop_line
+    cdef const char* names_c[DROP_SMALL]
+    cdef Py_ssize_t lens_c[DROP_SMALL]
+    cdef int nnames = 0
+    cdef bint in_c = False
     hit = <const char*>memchr(s, 10, n)
     if hit == NULL or not names:
         return head
+    if (type(names) is frozenset or type(names) is set) and len(names) <= DROP_SMALL:
+        # the names as C pointers, compared without a lowercase copy of each line's name
+        in_c = True
+        for t in names:
+            if type(t) is not bytes:
+                in_c = False
+                break
+            names_c[nnames] = PyBytes_AS_STRING(t)
+            lens_c[nnames] = PyBytes_GET_SIZE(t)
+            nnames += 1
     i = hit - s + 1  # the first header line
     while i < n:
         hit = <const char*>memchr(s + i, 10, n - i)
@@ -943,11 +985,15 @@ cpdef bytes remove_headers(bytes head, object names):
             a += 1
         while b > a and _ows(<unsigned char>s[b - 1]):
             b -= 1
-        name = PyBytes_FromStringAndSize(NULL, b - a)
-        w = PyBytes_AS_STRING(name)
-        for k in range(b - a):
-            w[k] = <char>_lower(<unsigned char>s[a + k])
-        if name in names:
+        if in_c:
+            drop_line = _in_names(s + a, b - a, names_c, lens_c, nnames)
+        else:
+            name = PyBytes_FromStringAndSize(NULL, b - a)
+            w = PyBytes_AS_STRING(name)
+            for k in range(b - a):
+                w[k] = <char>_lower(<unsigned char>s[a + k])
+            drop_line = name in names
+        if drop_line:
             if out is None:
                 out = []
             out.append(head[kept:i])

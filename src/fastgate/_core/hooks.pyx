@@ -40,6 +40,7 @@ KEY_KINDS = {"route": KEY_FIXED, "api": KEY_FIXED, "ip": KEY_IP, "consumer": KEY
 
 cdef enum:
     BUF = 512  # the fields' bytes: the policy's five constant parts and four numbers fit in this
+    DIGESTS_MAX = 10000  # KeyAuth: presented keys whose digest is remembered, per worker and policy
 
 
 cdef inline char* _put(char* p, bytes b):
@@ -194,6 +195,7 @@ cdef class KeyAuth:
     cdef object directory  # the store's keys (control/directory.py), or None
     cdef object policy_request  # the policy's own hook: every answer that is not a plain hit
     cdef object sha256
+    cdef dict digests  # presented key -> its hex digest, for the keys seen lately (DIGESTS_MAX)
 
     def __init__(self, bytes header not None, dict by_hash not None, directory, policy_request not None):
         import hashlib
@@ -203,6 +205,7 @@ cdef class KeyAuth:
         self.directory = directory
         self.policy_request = policy_request
         self.sha256 = hashlib.sha256
+        self.digests = {}
 
     def request(self, Exchange ex):
         cdef bytes value = None, name
@@ -227,7 +230,14 @@ cdef class KeyAuth:
                 value = <bytes>(<tuple>pair)[1]
         if count != 1:  # none (anonymous, or 401) or several (401)
             return self.policy_request(ex)
-        digest = self.sha256(value).hexdigest().encode()
+        # hashing a key costs more than the rest of the check (hashlib: an EVP context per call);
+        # its digest is remembered, not the verdict: a revoked key stops at the lookups below
+        digest = self.digests.get(value)
+        if digest is None:
+            digest = self.sha256(value).hexdigest().encode()
+            if len(self.digests) >= DIGESTS_MAX:
+                self.digests.clear()  # a flood of made-up keys only costs the hashing back
+            self.digests[value] = digest
         hit = self.by_hash.get(digest)
         if hit is None and self.directory is not None:
             hit = self.directory.get(digest)

@@ -132,6 +132,8 @@ cdef class Exchange:
     cdef public object canary  # the route's Canary when this request went to the canary
     cdef public object span_parent  # OTLP export: the client's span id (hex), the parent of the gateway's span
 
+    cpdef authenticated(self, object consumer, object claims=*, object credential=*)
+
 
 cdef class WorkerState:
     cdef public object loop

@@ -698,7 +698,7 @@ cdef class Exchange:
         """Keep the client's header `name` (any case) from the upstream, for this request only."""
         self.up_drop = (self.up_drop or frozenset()) | {name.lower()}
 
-    def authenticated(self, consumer, claims=None, credential=None):
+    cpdef authenticated(self, object consumer, object claims=None, object credential=None):
         """An authentication policy found who this is: the upstream is told in X-Consumer-* headers."""
         first = self.consumer is None
         self.consumer = consumer
@@ -706,8 +706,16 @@ cdef class Exchange:
             self.claims = claims
         # a later authentication replaces an earlier one's identity, never adds a second copy
         # (client copies never get here: they are dropped with the request's headers)
-        add = (self.up_add if first else tuple(p for p in self.up_add if p[0].lower() not in IDENTITY_HEADERS)) \
-            + consumer.headers
+        cdef tuple add
+        if first:
+            add = self.up_add
+        else:
+            kept = []
+            for p in self.up_add:
+                if p[0].lower() not in IDENTITY_HEADERS:
+                    kept.append(p)
+            add = tuple(kept)
+        add += consumer.headers
         if credential is not None:
             add += ((b"X-Credential-Identifier", credential),)
         self.up_add = add
