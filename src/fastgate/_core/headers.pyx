@@ -460,18 +460,14 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
     cdef list xff = None, via = None
     cdef char num[32]
     cdef int k
-    # the names to drop, as C pointers: iterated once here, not once per header (a frozenset's
-    # iteration is a Python iterator); past DROP_SMALL names, _listed iterates the set itself
+    # the names to drop, as C pointers: the set is iterated once, when the first header that is
+    # not the gateway's own needs the check (often none does), not once per header; past
+    # DROP_SMALL names, _listed iterates the set itself
     cdef const char* drop_names[DROP_SMALL]
     cdef Py_ssize_t drop_lens[DROP_SMALL]
-    cdef int ndrop = 0
+    cdef int ndrop = -1  # -1: not collected yet
     cdef bint drop_in_c = drop is not None and len(drop) <= DROP_SMALL
     cdef bytes t
-    if drop_in_c:
-        for t in drop:
-            drop_names[ndrop] = PyBytes_AS_STRING(t)
-            drop_lens[ndrop] = PyBytes_GET_SIZE(t)
-            ndrop += 1
     _w_init(&w, small)
     try:
         if not _is_token(PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method)):
@@ -505,6 +501,12 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
                 if code != H_EXPECT:
                     continue
             if drop_in_c:
+                if ndrop < 0:
+                    ndrop = 0
+                    for t in drop:
+                        drop_names[ndrop] = PyBytes_AS_STRING(t)
+                        drop_lens[ndrop] = PyBytes_GET_SIZE(t)
+                        ndrop += 1
                 if _in_names(n, nl, drop_names, drop_lens, ndrop) or (
                         conn_tokens is not None and _listed(n, nl, conn_tokens, None)):
                     continue
