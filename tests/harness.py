@@ -19,6 +19,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_DEAD: list[socket.socket] = []
+
+
+def dead_port() -> int:
+    """A port that refuses connections and stays so: bound, never listening, held for the whole run.
+    (A free_port() is free only until someone binds it: a gateway started next may get the very
+    same port and then proxy to itself.)"""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _DEAD.append(s)
+    return s.getsockname()[1]
+
+
 class Request:
     __slots__ = ("method", "url", "headers", "body", "version")
 

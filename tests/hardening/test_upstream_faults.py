@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.harness import config, free_port, gateway, parse_responses
+from tests.harness import config, dead_port, gateway, parse_responses
 
 TIMEOUTS = {"connect": 0.5, "read": 0.6, "write": 0.6, "total": 2.0}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -274,7 +274,7 @@ async def test_fault_maps_to_status_in_time_and_leaks_nothing(loop, name):
 
 
 async def test_connection_refused_is_502_fast(loop):
-    port = free_port()  # nothing listens there
+    port = dead_port()  # refuses connections (a mere free port could become the gateway's own)
     async with gateway(doc(port)) as gw:
         base_fds, base_tasks = fds(), gateway_tasks()
         out, _, took = await request(gw.port)

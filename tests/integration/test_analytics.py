@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from fastgate.policies.auth import hash_key
-from tests.harness import free_port, screenshot, wait_for
+from tests.harness import dead_port, free_port, screenshot, wait_for
 
 TOKEN = "test-admin-token-analytics-0123"
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef00", "carol": "carol-key-0123456789abcdef"}
@@ -68,7 +68,7 @@ class Gateway:
         self.cfg = tmp / "gw.yaml"
         self.cfg.write_text(CONFIG.format(db=self.db, port=self.port, admin=self.admin_port, metrics=self.metrics_port,
                                           ka=hash_key(KEYS["alice"]), kb=hash_key(KEYS["bob"]),
-                                          kc=hash_key(KEYS["carol"]), dead=free_port()))
+                                          kc=hash_key(KEYS["carol"]), dead=dead_port()))
         self.log = tmp / "gw.log"
         self.env = {**os.environ, "FG_TEST_ADMIN_TOKEN": TOKEN}
         self.proc = subprocess.Popen(

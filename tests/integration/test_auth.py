@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fastgate.policies.auth import hash_key, hash_password
-from tests.harness import Upstream, config, gateway, reply
+from tests.harness import Upstream, config, dead_port, gateway, reply
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 RSA_PEM = RSA_KEY.public_key().public_bytes(serialization.Encoding.PEM,
@@ -254,9 +254,7 @@ async def test_jwt_jwks_fetch_rotation_and_outage(loop):
 
 
 async def test_jwt_jwks_unreachable_is_503(loop):
-    with __import__("socket").socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = dead_port()  # refuses connections
     policy = {"type": "jwt", "jwks_url": f"http://127.0.0.1:{port}/jwks", "jwks_timeout": 1}
     async with Upstream() as up, gateway(routed(up, [policy])) as gw, \
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as c:

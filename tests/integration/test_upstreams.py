@@ -7,11 +7,11 @@ import collections
 import httpx
 
 from fastgate.policies.auth import hash_key
-from tests.harness import Upstream, config, free_port, gateway, raw, reply, simple_config
+from tests.harness import Upstream, config, dead_port, gateway, raw, reply, simple_config
 
 
 def dead_address() -> str:
-    return f"127.0.0.1:{free_port()}"  # nothing listens there
+    return f"127.0.0.1:{dead_port()}"  # refuses connections
 
 
 async def test_connect_refused_is_retried_on_another_target(loop):
