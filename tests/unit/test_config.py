@@ -103,6 +103,15 @@ def test_unknown_policy_type_is_named():
     assert "unknown type `response-header`" in found["$.routes[0].policies[0].type"]
 
 
+@pytest.mark.parametrize("tag", [["key-auth"], {"name": "key-auth"}, 7, True])
+def test_a_policy_type_that_is_not_a_string_is_an_error_not_a_crash(tag):
+    """Found by schemathesis through POST /config: an unhashable `type` raised TypeError (a 500)."""
+    doc = json.loads(json.dumps(GOOD))
+    doc["routes"][0]["policies"] = [{"type": tag}]
+    found = issues_of(doc)
+    assert "$.routes[0].policies[0].type" in found
+
+
 def test_bad_target_address_and_syntax_error(tmp_path):
     doc = json.loads(json.dumps(GOOD))
     doc["upstreams"][0]["targets"][0]["address"] = "localhost"

@@ -11,7 +11,7 @@ def hex16(v: int) -> bytes:
     """The 16 hex digits the data plane writes for v (request and trace ids)."""
 
 def llhttp_direct() -> bool:
-    """True when request HTTP versions are read from llhttp's state (the import-time probe passed)."""
+    """True when request HTTP versions and methods are read from llhttp's state (the import-time probe passed)."""
 
 @final
 class Exchange:

@@ -134,8 +134,10 @@ cdef inline bytes _method(object parser):
 
 
 def llhttp_direct():
-    """True when requests' HTTP versions are read from llhttp's state (the probe above passed)."""
+    """True when requests' HTTP versions and methods are read from llhttp's state (the probe above
+    passed)."""
     return LLHTTP_DIRECT
+
 
 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))  # retried on failure
@@ -173,9 +175,6 @@ cdef inline double perf_counter() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
-cdef const char* HEX = b"0123456789abcdef"
 
 
 cdef inline uint64_t _random64(WorkerState st) noexcept:
@@ -260,11 +259,6 @@ cdef inline Py_ssize_t _format_content_length(char* buf, Py_ssize_t n) noexcept:
     buf[16 + k] = 13
     buf[17 + k] = 10
     return 18 + k
-
-
-cdef bytes _content_length(Py_ssize_t n):
-    cdef char buf[48]
-    return PyBytes_FromStringAndSize(buf, _format_content_length(buf, n))
 
 
 # A response head is assembled from at most MAX_PIECES pieces (pointers into bytes objects the

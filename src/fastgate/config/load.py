@@ -225,11 +225,16 @@ def _tagged_member(union, value: dict, path: str, issues: list[ConfigIssue]):
         return members[0] if len(members) == 1 else None
     field = members[0].__struct_config__.tag_field
     tag = value.get(field)
-    if tag in tagged:
+    if isinstance(tag, str) and tag in tagged:
         return tagged[tag]
-    close = difflib.get_close_matches(str(tag), list(tagged), n=1)
+    close = difflib.get_close_matches(str(tag), list(tagged), n=1) if isinstance(tag, str) else []
     hint = f"did you mean `{close[0]}`?" if close else "one of: " + ", ".join(sorted(tagged))
-    what = "missing" if tag is None else f"unknown {field} `{tag}`"
+    if tag is None:
+        what = "missing"
+    elif isinstance(tag, str):
+        what = f"unknown {field} `{tag}`"
+    else:  # a list or an object there is not a name (and not hashable: `in tagged` would raise)
+        what = f"{field} must be a string, got {type(tag).__name__}"
     issues.append(ConfigIssue(f"{path}.{field}", f"{what}", hint))
     return None
 
