@@ -161,9 +161,6 @@ cdef class WorkerState:
     cpdef bytes new_request_id(self)
 
 
-cdef bytes _content_length(Py_ssize_t n)
-
-
 cdef class GatewayProtocol:
     cdef WorkerState _state
     cdef object _loop
