@@ -411,6 +411,21 @@ cdef enum:
     DROP_SMALL = 32  # names build_request_head drops, kept on the C stack
 
 
+cdef int _names_in_c(object names, const char** out, Py_ssize_t* lens) except -2:
+    """`names` (a set of bytes, at most DROP_SMALL) as C pointers and lengths: their count, or -1
+    when it is not such a set (the caller then looks through the set itself)."""
+    cdef int count = 0
+    if (type(names) is not frozenset and type(names) is not set) or len(names) > DROP_SMALL:
+        return -1
+    for t in names:
+        if type(t) is not bytes:
+            return -1
+        out[count] = PyBytes_AS_STRING(t)
+        lens[count] = PyBytes_GET_SIZE(t)
+        count += 1
+    return count
+
+
 cdef inline bint _in_names(const char* n, Py_ssize_t nl, const char** names, Py_ssize_t* lens,
                            int count) noexcept nogil:
     cdef int i
@@ -465,9 +480,7 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
     # DROP_SMALL names, _listed iterates the set itself
     cdef const char* drop_names[DROP_SMALL]
     cdef Py_ssize_t drop_lens[DROP_SMALL]
-    cdef int ndrop = -1  # -1: not collected yet
-    cdef bint drop_in_c = drop is not None and len(drop) <= DROP_SMALL
-    cdef bytes t
+    cdef int ndrop = -2  # -2: not collected yet; -1: not a small set of bytes (_listed looks)
     _w_init(&w, small)
     try:
         if not _is_token(PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method)):
@@ -500,13 +513,9 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
                     upgrade_value = value
                 if code != H_EXPECT:
                     continue
-            if drop_in_c:
-                if ndrop < 0:
-                    ndrop = 0
-                    for t in drop:
-                        drop_names[ndrop] = PyBytes_AS_STRING(t)
-                        drop_lens[ndrop] = PyBytes_GET_SIZE(t)
-                        ndrop += 1
+            if ndrop == -2 and drop is not None:
+                ndrop = _names_in_c(drop, drop_names, drop_lens)
+            if ndrop >= 0:
                 if _in_names(n, nl, drop_names, drop_lens, ndrop) or (
                         conn_tokens is not None and _listed(n, nl, conn_tokens, None)):
                     continue
@@ -960,21 +969,11 @@ cpdef bytes remove_headers(bytes head, object names):
     cdef bint drop_line
     cdef const char* names_c[DROP_SMALL]
     cdef Py_ssize_t lens_c[DROP_SMALL]
-    cdef int nnames = 0
-    cdef bint in_c = False
+    cdef int nnames
     hit = <const char*>memchr(s, 10, n)
     if hit == NULL or not names:
         return head
-    if (type(names) is frozenset or type(names) is set) and len(names) <= DROP_SMALL:
-        # the names as C pointers, compared without a lowercase copy of each line's name
-        in_c = True
-        for t in names:
-            if type(t) is not bytes:
-                in_c = False
-                break
-            names_c[nnames] = PyBytes_AS_STRING(t)
-            lens_c[nnames] = PyBytes_GET_SIZE(t)
-            nnames += 1
+    nnames = _names_in_c(names, names_c, lens_c)  # compared without a lowercase copy of each line's name
     i = hit - s + 1  # the first header line
     while i < n:
         hit = <const char*>memchr(s + i, 10, n - i)
@@ -987,7 +986,7 @@ cpdef bytes remove_headers(bytes head, object names):
             a += 1
         while b > a and _ows(<unsigned char>s[b - 1]):
             b -= 1
-        if in_c:
+        if nnames >= 0:
             drop_line = _in_names(s + a, b - a, names_c, lens_c, nnames)
         else:
             name = PyBytes_FromStringAndSize(NULL, b - a)
