@@ -7,11 +7,11 @@ instructions a request costs does not (±2%). This runs one fastgate worker in t
 load (-t1 -c16), dumps, and prints the instructions per request and the functions that cost most
 (their own instructions, not their callees').
 
-    .venv/bin/python bench/profile.py [--scenario proxy|gateway|lean] [--seconds 10] [--top 25]
+    .venv/bin/python bench/profile.py [--scenario NAME] [--seconds 10] [--top 25]
 
-proxy: one plain proxied route (compare.py's "Plain proxied route"); gateway: key-auth over 1,000
-keys, a rate limit on local counters and an added response header (compare.py's gateway job,
-without the metrics listener); lean: the uvloop + httptools yardstick. Needs valgrind
+Scenarios (SCENARIOS below; `--help` lists them): proxy, gateway, observability, ratelimit,
+lease, exact — compare.py's subjects of the same names, without the metrics listener — and lean,
+the uvloop + httptools yardstick. lease and exact start a redis-server of their own. Needs valgrind
 (`apt-get install valgrind`) and wrk. Figures in bench/RESULTS.md's profile notes came from this.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import compare as C  # noqa: E402
 KEYS = 1000
 
 
-def gateway_config(up_port: int) -> str:
+def gateway_config(up_port: int, extra: str = "") -> str:
     consumers = "".join(f"  - {{username: c{i}, keys: [\"sha256:{hashlib.sha256(b'key%d' % i).hexdigest()}\"]}}\n"
                         for i in range(KEYS))
     return (f"limits: {{keepalive_requests: 100000}}\n"
@@ -45,7 +45,44 @@ def gateway_config(up_port: int) -> str:
             f"consumers:\n{consumers}"
             "routes:\n  - {name: r, paths: [\"/*\"], upstream: u, policies: [{type: key-auth}, "
             f"{{type: rate-limit, rate: {C.RATE}, per: 1, burst: 1000, key: consumer}}, "
-            "{type: response-headers, add: {X-Gateway: bench}}]}\n")
+            "{type: response-headers, add: {X-Gateway: bench}}]}\n" + extra)
+
+
+def ratelimit_config(up_port: int, redis: str = "") -> str:
+    """compare.py's rate-limiting subjects: one route, a limit keyed by client IP that refuses
+    nothing, on the local counters or (with a Redis URL) in lease or exact mode."""
+    counters, backend = "", ""
+    if redis:
+        url, mode = redis.rsplit(" ", 1)
+        counters = f"counters: {{redis: {{url: \"{url}\", mode: {mode}, lease_size: 100}}}}\n"
+        backend = ", backend: redis"
+    return (f"limits: {{keepalive_requests: 100000}}\n{counters}"
+            f"upstreams:\n  - {{name: u, targets: [{{address: \"127.0.0.1:{up_port}\"}}]}}\n"
+            "routes:\n  - {name: r, paths: [\"/*\"], upstream: u, policies: "
+            f"[{{type: rate-limit, rate: {C.RATE}, per: 1, burst: 1000, key: ip{backend}}}]}}\n")
+
+
+SCENARIOS = {
+    "proxy": "one plain proxied route (compare.py's plain proxied route)",
+    "gateway": "key-auth over 1,000 keys, a local rate limit, an added response header (the gateway job)",
+    "observability": "the gateway job with the access log and the usage ledger on (compare.py's 'on')",
+    "ratelimit": "one route with a rate limit by client IP on the local counters",
+    "lease": "the same limit on Redis in lease mode (a redis-server of its own)",
+    "exact": "the same limit on Redis in exact mode",
+    "lean": "the uvloop + httptools yardstick (bench/lean_proxy.py)",
+}
+
+
+def config_text(scenario: str, up: int, tmp: Path, redis_port: int) -> str:
+    if scenario == "proxy":
+        return C.route_config(1, up)
+    if scenario == "gateway":
+        return gateway_config(up)
+    if scenario == "observability":
+        return gateway_config(up, f"access_log: {tmp / 'access.log'}\nstore: {{path: {tmp / 'obs.db'}}}\n")
+    if scenario == "ratelimit":
+        return ratelimit_config(up)
+    return ratelimit_config(up, f"redis://127.0.0.1:{redis_port}/0 {scenario}")
 
 
 def run_worker(config: str, listen: str) -> None:
@@ -94,7 +131,8 @@ def self_costs(path: Path) -> collections.Counter:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenario", choices=["proxy", "gateway", "lean"], default="proxy")
+    ap.add_argument("--scenario", choices=list(SCENARIOS), default="proxy",
+                    help="; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()))
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "LISTEN"), help=argparse.SUPPRESS)
@@ -109,14 +147,16 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fastgate-profile-"))
     up, port = C.free_port(), C.free_port()
     upstream = C.start_nginx(tmp, up, "1")
-    script = None
+    script, redis = None, None
     if args.scenario == "lean":
         cmd = [str(HERE / "lean_proxy.py"), str(port), str(up)]
     else:
+        if args.scenario in ("lease", "exact"):
+            redis, redis_port = C.start_redis(tmp)
         cfg = tmp / "fastgate.yaml"
-        cfg.write_text(C.route_config(1, up) if args.scenario == "proxy" else gateway_config(up))
+        cfg.write_text(config_text(args.scenario, up, tmp, redis_port if redis else 0))
         cmd = [str(Path(__file__).resolve()), "--worker", str(cfg), f"127.0.0.1:{port}"]
-        if args.scenario == "gateway":
+        if args.scenario in ("gateway", "observability"):
             script = tmp / "keys.lua"
             script.write_text(f"counter = 0\nrequest = function()\n  counter = counter + 1\n"
                               f"  wrk.headers[\"apikey\"] = \"key\" .. (counter % {KEYS})\n"
@@ -144,6 +184,9 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             subject.kill()
         upstream.wait(10)
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
     n = max(1, r["requests"])
     costs = self_costs(dump)
     m = re.search(r"^(?:summary|totals):\s+(\d+)", dump.read_text(), re.M)

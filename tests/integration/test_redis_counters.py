@@ -187,12 +187,25 @@ async def test_script_flush_mid_run_is_invisible(loop, server):
 
 
 # --- lease ---------------------------------------------------------------------------------------
-async def test_lease_spends_locally_and_shares_one_fetch(loop, server):
+async def test_lease_spends_locally_and_tops_up_before_running_dry(loop, server):
     async with counters(server.url, mode="lease", lease_size=10) as rc:
         server.command("CONFIG", "RESETSTAT")
-        got = [await decide(rc.gcra(b"l", 1000, HOUR, 1000)) for _ in range(100)]
+        waited, held = 0, []
+        for _ in range(100):  # a steady worker: each top-up is back before the next request
+            r = rc.gcra(b"l", 1000, HOUR, 1000)
+            waited += type(r) is not tuple
+            assert (await decide(r))[0]
+            lease = rc._gcra_leases[b"l"]
+            held.append(lease.tokens)
+            await until(lambda lease=lease: lease.waiters is None)
+            held.append(lease.tokens)
+        assert waited == 1  # only the first request waits on Redis
+        assert max(held) == 10 and min(held) == 5  # topped up to lease_size once half is spent, never beyond
+        assert calls(server) == 1 + 20  # the first fetch, then a top-up of 5 every 5 requests
+        server.command("CONFIG", "RESETSTAT")
+        got = [await decide(rc.gcra(b"m", 1000, HOUR, 1000)) for _ in range(100)]  # no pause between
         assert all(r[0] for r in got)
-        assert calls(server) == 10  # 10 tokens per round trip
+        assert 10 <= calls(server) <= 20  # a request that finds the lease empty waits on the top-up
         server.command("CONFIG", "RESETSTAT")
         got = await asyncio.gather(*(decide(rc.gcra(b"herd", 1000, HOUR, 1000)) for _ in range(100)))
         assert all(r[0] for r in got)

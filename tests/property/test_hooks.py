@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -82,6 +83,25 @@ def test_local_gcra_answers_as_the_policy_does(key, rate, seconds, burst, reques
     assert ma.pending == mb.pending
     if requests:
         assert sum(ma.pending.values()) == len(requests)  # every decision counted, allowed or limited
+
+
+def test_rate_limit_hook_remembers_a_bounded_number_of_keys_and_counts_on_after_forgetting():
+    cfg = RateLimit(rate=1, per=100000, burst=5, key="ip")
+    hook = RateLimitPolicy(cfg, BuildContext(Counters(LocalCounters(SharedTable(1 << 16))), "r", None)).compiled_request
+    (proto, _m), = [protocol()]
+
+    def remaining(ip: bytes) -> int:
+        ex = Exchange(proto)
+        ex.client_ip, ex.consumer, ex.headers, ex.keep_alive, ex.request_id = ip, None, [], True, b"rid"
+        assert hook(ex) is None
+        return int(re.search(rb"X-RateLimit-Remaining: (\d+)", ex.resp_extra).group(1))
+
+    assert remaining(b"10.9.9.9") == 4
+    for i in range(12_000):  # more clients than the hook remembers the keys of
+        remaining(b"10.%d.%d.1" % (i // 256, i % 256))
+        assert len(hook.__self__.keys) <= 10_000
+    assert b"10.9.9.9" not in hook.__self__.keys
+    assert remaining(b"10.9.9.9") == 3  # forgotten by the hook, not by the bucket
 
 
 # --- KeyAuth vs KeyAuthPolicy.request ---------------------------------------------------------------
@@ -292,6 +312,10 @@ def test_redis_lease_answers_as_the_policy_does(key, leases, requests):
             who = pol.prefix + (ip if key != "route" else b"")
             le = counters._gcra_leases[who] = _Lease(_GCRA, (who, 10, 1.0, 20), b"", 1.0)
             le.tokens, le.expires, le.remaining, le.reset_at = tokens, now + expires_in, remaining, now + reset_in
+    refills = ([], [])  # (key, tokens left) each time a run asks for a top-up (a no-op here: never connected)
+    for counters, seen in zip((ca, cb), refills, strict=True):
+        counters._refill = lambda lease, seen=seen, top_up=counters._refill: (
+            seen.append((lease.args[0], lease.tokens)), top_up(lease))
     (pa, ma), (pb, mb) = protocol(), protocol()
     for n, (ip, user) in enumerate(requests):
         seen = []
@@ -307,6 +331,8 @@ def test_redis_lease_answers_as_the_policy_does(key, leases, requests):
         assert seen[0] == seen[1]
     assert ma.pending == mb.pending
     assert {k: v.tokens for k, v in ca._gcra_leases.items()} == {k: v.tokens for k, v in cb._gcra_leases.items()}
+    assert refills[0] == refills[1]
+    assert all(tokens <= ca._low for _key, tokens in refills[0])
 
 
 

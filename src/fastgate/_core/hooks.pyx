@@ -18,15 +18,21 @@ The policy's Python `request` is the reference: tests/property/test_hooks.py run
 requests and compares every answer, header line, identity and metric."""
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_SetItem
+from cpython.ref cimport PyObject
 from libc.math cimport ceil
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 
 from .proxy cimport Exchange, WorkerState
-from .ratelimit cimport Limiter
+from .ratelimit cimport Lease, Limiter
 from .shm cimport fg_monotonic_ns
 
 from .headers cimport find_header
+
+cdef extern from "Python.h":
+    # PyDict_GetItem without its saving and restoring of the error state (NULL: not there)
+    PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
 
 cdef int64_t NS = 1000000000
 
@@ -41,6 +47,13 @@ KEY_KINDS = {"route": KEY_FIXED, "api": KEY_FIXED, "ip": KEY_IP, "consumer": KEY
 cdef enum:
     BUF = 512  # the fields' bytes: the policy's five constant parts and four numbers fit in this
     DIGESTS_MAX = 10000  # KeyAuth: presented keys whose digest is remembered, per worker and policy
+    KEYS_MAX = 10000  # _Limit: client addresses and usernames whose bucket key is remembered
+
+
+cdef inline void _bump(pending, bytes name) except *:
+    """pending[name] += 1 on the worker's metrics (a Counter: a dict, read as one, no __missing__)."""
+    cdef PyObject* v = PyDict_GetItemWithError(pending, name)
+    PyDict_SetItem(pending, name, (<object>v) + 1 if v != NULL else 1)
 
 
 cdef inline char* _put(char* p, bytes b):
@@ -74,6 +87,7 @@ cdef class _Limit:
     cdef bytes prefix, header, metric_allowed, metric_limited
     cdef bytes p0, p1, p2, p3, p4  # the fields around (remaining, reset, remaining, reset)
     cdef object policy_request  # the policy's own hook, for what the compiled one leaves to it
+    cdef readonly dict keys  # client address (bytes) or username (str) -> its bucket key, up to KEYS_MAX
 
     cdef _setup(self, str key_kind, bytes prefix, bytes header, bytes metric_allowed, bytes metric_limited,
                 tuple parts, policy_request):
@@ -86,16 +100,29 @@ cdef class _Limit:
         self.metric_allowed, self.metric_limited = metric_allowed, metric_limited
         self.p0, self.p1, self.p2, self.p3, self.p4 = parts
         self.policy_request = policy_request
+        self.keys = {}
 
     cdef bytes _key(self, Exchange ex):
+        cdef PyObject* known
         kind = self.kind
         if kind == KEY_IP or (kind == KEY_CONSUMER and ex.consumer is None):
-            return self.prefix + ex.client_ip
-        if kind == KEY_CONSUMER:
-            return self.prefix + ex.consumer.username.encode()
-        if kind == KEY_HEADER:
+            who = ex.client_ip  # one bytes object per connection: its hash is computed once
+        elif kind == KEY_CONSUMER:
+            who = ex.consumer.username
+        elif kind == KEY_HEADER:
             return self.prefix + (find_header(ex.headers, self.header) or b"")
-        return self.prefix
+        else:
+            return self.prefix
+        # the key of a client or consumer seen lately: no concatenation, and its hash (which the
+        # shared table's lookup needs) is already in the bytes object
+        known = PyDict_GetItemWithError(self.keys, who)
+        if known != NULL:
+            return <bytes>known
+        key = self.prefix + (who if type(who) is bytes else who.encode())
+        if len(self.keys) >= KEYS_MAX:
+            self.keys.clear()
+        self.keys[who] = key
+        return key
 
     cdef bytes _fields(self, int64_t remaining, int64_t reset_s):
         cdef char buf[BUF]
@@ -114,8 +141,8 @@ cdef class _Limit:
     cdef _allowed(self, Exchange ex, bytes lines):
         metrics = (<WorkerState>ex.proto._state).metrics
         if metrics is not None:
-            metrics.pending[self.metric_allowed] += 1
-        ex.resp_extra = ex.resp_extra + lines
+            _bump(metrics.pending, self.metric_allowed)
+        ex.resp_extra = ex.resp_extra + lines if ex.resp_extra else lines
 
 
 @cython.final
@@ -148,18 +175,20 @@ cdef class LocalGcra(_Limit):
             return None
         metrics = (<WorkerState>ex.proto._state).metrics
         if metrics is not None:
-            metrics.pending[self.metric_limited] += 1
+            _bump(metrics.pending, self.metric_limited)
         return self.policy_request(ex, lines, retry_ns)  # the policy's _refuse: the 429
 
 
 @cython.final
 cdef class RedisLease(_Limit):
     """RateLimitPolicy.request for a token bucket on the Redis counters in lease mode, while this
-    worker holds leased tokens for the key (counters/redis.py's fast path); no lease, an empty or an
-    expired one is the policy's (a fetch, a shared fetch, a recent refusal)."""
+    worker holds leased tokens for the key (counters/redis.py's fast path, with its top-up when half
+    the lease is spent); no lease, an empty or an expired one is the policy's (a fetch, a shared
+    fetch, a recent refusal)."""
 
     cdef dict leases  # the counters' {key: _Lease}
     cdef object counters
+    cdef int64_t low  # at or below this many tokens, the counters top the lease up (_refill)
 
     def __init__(self, counters not None, str key_kind, bytes prefix not None, bytes header not None,
                  bytes metric_allowed not None, bytes metric_limited not None, tuple parts not None,
@@ -167,18 +196,25 @@ cdef class RedisLease(_Limit):
         self._setup(key_kind, prefix, header, metric_allowed, metric_limited, parts, policy_request)
         self.counters = counters
         self.leases = counters._gcra_leases
+        self.low = counters._low
 
     def request(self, Exchange ex):
         cdef double now, left
         cdef int64_t remaining, reset_s
+        cdef Lease lease
         key = self._key(ex)
-        lease = self.leases.get(key)
-        if lease is None or lease.tokens < 1:
+        found = self.leases.get(key)
+        if found is None:
+            return self.policy_request(ex)
+        lease = <Lease?>found
+        if lease.tokens < 1:
             return self.policy_request(ex)
         now = self.counters._loop.time()
         if not now < lease.expires:
             return self.policy_request(ex)
         lease.tokens -= 1
+        if lease.tokens <= self.low and lease.waiters is None:
+            self.counters._refill(lease)
         left = lease.reset_at - now
         remaining = lease.tokens + lease.remaining
         reset_s = <int64_t>ceil(left) if left > 0.0 else 0

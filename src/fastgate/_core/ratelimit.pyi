@@ -24,3 +24,20 @@ class Limiter:
         """Take one of `limit` concurrent places: (taken, in_use)."""
     def release(self, key: bytes, now_ns: int = 0) -> int:
         """Give a place back; returns the places still in use."""
+
+@final
+class Lease:
+    """Tokens of one key a worker took from Redis in lease mode, and the fetch in flight."""
+    tokens: int
+    remaining: int
+    refused_cost: int
+    want: int
+    expires: float
+    reset_at: float
+    refused_until: float
+    ttl: float
+    kind: int
+    waiters: list | None
+    args: tuple
+    tail: bytes
+    def __init__(self, kind: int, args: tuple, tail: bytes, ttl: float) -> None: ...

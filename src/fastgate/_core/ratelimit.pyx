@@ -165,3 +165,24 @@ cdef double _sliding_retry(int64_t limit, int64_t window, int64_t cost, int64_t 
     # in the next window this one is the previous: b*(w-e)/w + cost <= limit
     e = ceil(w - <double>(limit - cost) * w / <double>b) if b > 0 else 0.0
     return (w - <double>elapsed) + (e if e > 0 else 0.0)
+
+
+@cython.final
+cdef class Lease:
+    """Lease(kind, args, tail, ttl): tokens of one key a worker took from Redis in lease mode, and
+    the fetch in flight (counters/redis.py keeps them and fetches; the compiled rate-limit hook,
+    hooks.RedisLease, spends them reading these fields as C fields). Times are the event loop's."""
+
+    def __init__(self, int kind, tuple args not None, bytes tail not None, double ttl):
+        self.tokens = 0
+        self.expires = 0.0
+        self.remaining = 0  # what Redis had left after the last grant
+        self.reset_at = 0.0
+        self.refused_until = 0.0  # Redis said no token for `refused_cost` before this
+        self.refused_cost = 0
+        self.waiters = None  # [(future, cost)] while a fetch is in flight
+        self.want = 0
+        self.kind = kind
+        self.args = args  # the decision's arguments but cost, for the fallback
+        self.tail = tail  # the packed keys and the first two script arguments
+        self.ttl = ttl  # how long leased tokens may be spent

@@ -20,9 +20,12 @@ window key one window after its own window ends, a fixed window key after `ttl_s
 Modes
   exact  one atomic script call per decision: all nodes together admit exactly the limit.
   lease  per key, a worker takes up to `lease_size` tokens at once from the Redis bucket (the script
-         grants min(available, lease_size)) and spends them locally with no round trip; it asks
-         again (one fetch shared by every request for that key meanwhile) when they are spent, and
-         drops what is left after `min(per_s, 1 s)` so unused tokens are not hoarded. A refusal
+         grants min(available, lease_size)) and spends them locally with no round trip. When half
+         are spent it tops the lease up to `lease_size` in the background (about two round trips
+         per `lease_size` requests), so requests do not wait on Redis while tokens last; a request
+         that finds none waits on the fetch in flight (one fetch shared by every request for that
+         key meanwhile). It drops what is left after `min(per_s, 1 s)` from the last grant so
+         unused tokens are not hoarded. A refusal
          from Redis is remembered until the moment Redis said a token comes back, so a flood of
          refused requests does not become a flood of Redis calls. When more requests wait on a
          fetch than it brought, one more fetch asks for max(lease_size, their total): each round
@@ -62,6 +65,7 @@ import hashlib
 import logging
 import random
 
+from .._core.ratelimit import Lease
 from ..errors import CounterBackendError
 from .resp import ConnectionFailure, RedisURL, ReplyError, RespConnection, bulk, connect
 
@@ -202,25 +206,9 @@ def _args(*args) -> bytes:
     return b"".join(bulk(_num(a)) for a in args)
 
 
-class _Lease:
-    """Tokens of one key this worker took from Redis, and the fetch in flight."""
-
-    __slots__ = ("tokens", "expires", "remaining", "reset_at", "refused_until", "refused_cost", "waiters",
-                 "want", "kind", "args", "tail", "ttl")
-
-    def __init__(self, kind: int, args: tuple, tail: bytes, ttl: float):
-        self.tokens = 0
-        self.expires = 0.0
-        self.remaining = 0  # what Redis had left after the last grant
-        self.reset_at = 0.0
-        self.refused_until = 0.0  # Redis said no token for `refused_cost` before this (loop time)
-        self.refused_cost = 0
-        self.waiters = None  # [(future, cost)] while a fetch is in flight
-        self.want = 0
-        self.kind = kind
-        self.args = args  # the decision's arguments but cost, for the fallback
-        self.tail = tail  # the packed keys and the first two script arguments
-        self.ttl = ttl  # how long leased tokens may be spent
+# Tokens of one key this worker took from Redis, and the fetch in flight: a compiled class so that
+# the rate-limit hook (hooks.RedisLease) reads its fields as C fields.
+_Lease = Lease
 
 
 class RedisCounters:
@@ -248,6 +236,7 @@ class RedisCounters:
         self.fallback = fallback
         self.workers = max(1, int(workers))
         self.max_overshoot = self.lease_size * self.workers if self.lease else 0
+        self._low = self.lease_size // 2  # a lease this low is topped up in the background
         self.coalesce = coalesce
         # metrics
         self.state = "down"
@@ -446,6 +435,8 @@ class RedisCounters:
                 now = self._loop.time()
                 if now < lease.expires:
                     lease.tokens -= cost
+                    if lease.tokens <= self._low and lease.waiters is None:
+                        self._refill(lease)
                     left = lease.reset_at - now
                     return True, lease.tokens + lease.remaining, 0.0, left if left > 0.0 else 0.0
             return self._leased(self._gcra_leases, lease, _GCRA, (key, rate, per_s, burst, cost))
@@ -465,6 +456,8 @@ class RedisCounters:
                 now = self._loop.time()
                 if now < lease.expires:
                     lease.tokens -= cost
+                    if lease.tokens <= self._low and lease.waiters is None:
+                        self._refill(lease)
                     left = lease.reset_at - now
                     return True, lease.tokens + lease.remaining, 0.0, left if left > 0.0 else 0.0
             return self._leased(self._sliding_leases, lease, _SLIDING, (key, limit, window_s, cost))
@@ -612,6 +605,19 @@ class RedisCounters:
         self._fetch(conn, lease, cost, max(self.lease_size, cost))
         return fut
 
+    def _refill(self, lease: _Lease) -> None:
+        """Half the lease is spent and no fetch is in flight: top it up to `lease_size` in the
+        background, so the requests meanwhile spend what is left instead of waiting on the round
+        trip (a request that finds it empty waits on this fetch). Never beyond `lease_size`: the
+        overshoot bound stands. Not while Redis's last refusal holds, nor while it is down."""
+        if self._loop.time() < lease.refused_until:
+            return
+        conn = self._conn or self._link(lease.args[0])
+        if conn is None or conn.closed:
+            return
+        lease.waiters = []
+        self._fetch(conn, lease, 1, self.lease_size - lease.tokens)
+
     def _fetch(self, conn: RespConnection, lease: _Lease, cost: int, want: int) -> None:
         lease.want = want
         tail = lease.tail + bulk(b"%d" % cost) + bulk(b"%d" % want)
@@ -648,6 +654,9 @@ class RedisCounters:
             lease.tokens -= cost
             fut.set_result((True, lease.tokens + remaining, 0.0, reset))
         if not rest:
+            if granted < lease.want:  # Redis had no more: none to ask for before it said one is due
+                lease.refused_until = now + retry_us / US
+                lease.refused_cost = 1
             return
         if granted and granted >= lease.want:  # Redis gave all we asked for and more are waiting
             conn = ctx[2]
