@@ -54,7 +54,7 @@ def ratelimit_config(up_port: int, redis: str = "") -> str:
     counters, backend = "", ""
     if redis:
         url, mode = redis.rsplit(" ", 1)
-        counters = f"counters: {{redis: {{url: \"{url}\", mode: {mode}, lease_size: 100}}}}\n"
+        counters = f"counters: {{redis: {{url: \"{url}\", mode: {mode}, lease_size: {C.LEASE_SIZE}}}}}\n"
         backend = ", backend: redis"
     return (f"limits: {{keepalive_requests: 100000}}\n{counters}"
             f"upstreams:\n  - {{name: u, targets: [{{address: \"127.0.0.1:{up_port}\"}}]}}\n"
