@@ -55,7 +55,7 @@ class AccessLog:
 
     def __init__(self, path: str, sample: float = 1.0):
         self.path = path
-        self.sample = sample
+        self.sample = float(sample)  # a float: the data plane compares it on every request
         self.pid = os.getpid()
         self.pending: list[tuple] = []
         self.lines: list[bytes] = []  # formatted already (the data plane's)

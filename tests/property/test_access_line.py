@@ -94,3 +94,14 @@ def test_the_widest_numbers_fit():
     doc = json.loads(line)
     assert doc["worker"] == big and doc["status"] == big and doc["response_bytes"] == 2**63 - 1
     assert doc["gateway_ms"] == doc["upstream_ms"] == 1e15
+
+
+def test_times_on_a_half_thousandth_round_as_round_does():
+    """Values whose thousandths sit on (or a hair from) a half: the digits written are round(v, 3)'s
+    (these take the careful path, the rest the fast one)."""
+    values = [0.0005, 1.0005, 2.675, 1234.5675, 0.0015, 9999999.9995, 0.1235, 5e-324, 0.0, 123.456,
+              1.00049999, 1.00050001, 9999999.999]
+    for v in values:
+        line = access_line(1.5e9, b"r", None, 1, b"c", b"GET", b"/", None, None, None, 200, 0, -1, -1, v, v)
+        doc = json.loads(line)
+        assert doc["gateway_ms"] == doc["upstream_ms"] == round(v, 3), v

@@ -36,10 +36,10 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.math cimport isinf, isnan
+from libc.math cimport floor, isinf, isnan
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdio cimport snprintf
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcpy, strlen
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 
@@ -56,6 +56,7 @@ from .headers cimport build_request_head, find_header, scan_request, scan_respon
 from .router import normalize_path
 from ..errors import (GatewayError, NoHealthyUpstream, UpstreamConnectError, UpstreamProtocolError,
                       UpstreamResetError, UpstreamTimeout)
+from ..accesslog import BATCH as ALOG_BATCH
 from ..policies.base import IDENTITY_HEADERS
 from ..server.responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
 
@@ -1236,13 +1237,15 @@ cdef class GatewayProtocol:
 
     cdef _finish(self, Exchange ex):
         """The response to `ex` is complete: next request, idle, or close."""
+        cdef int status
+        cdef double elapsed, upstream
         self._current = None
         if ex.canary is not None:
             ex.canary.record(ex.status or (int(ex.local[9:12]) if ex.local else 0),
                              ex.t_head - ex.t_up if ex.t_head >= 0 else -1.0)
         metrics = self._state.metrics
         if metrics is not None and ex.t0:
-            status = ex.status or (int(ex.local[9:12]) if ex.local else 0)
+            status = ex.status if ex.status else (int(ex.local[9:12]) if ex.local else 0)
             elapsed = perf_counter() - ex.t0
             upstream = ex.t_head - ex.t_up if ex.t_head >= 0 else -1.0
             rs = <RouteStats>(ex.route.stats if ex.route is not None else metrics.unmatched)
@@ -1257,7 +1260,8 @@ cdef class GatewayProtocol:
             if alog is not None and (status >= 400 or alog.sample >= 1.0 or random() < alog.sample):
                 route = ex.route
                 consumer = ex.consumer
-                alog.add(access_line(_realtime(), ex.request_id, ex.trace[3:35] if ex.trace else None, alog.pid,
+                lines = alog.lines  # AccessLog.add, without its Python frame
+                lines.append(access_line(_realtime(), ex.request_id, ex.trace[3:35] if ex.trace else None, alog.pid,
                                      ex.client_ip, ex.method, ex.path,
                                      route.name if route is not None else None,
                                      route.api if route is not None else None,
@@ -1265,12 +1269,14 @@ cdef class GatewayProtocol:
                                      ex.upstream_bytes if ex.t_up >= 0 else -1,
                                      len(ex.local) if ex.local else -1, elapsed * 1000,
                                      upstream * 1000 if upstream >= 0 else -1.0))
+                if len(lines) >= ALOG_BATCH:
+                    alog.flush()
         spans = self._state.spans
         if spans is not None and ex.trace is not None and ex.t0 and int(ex.trace[53:55], 16) & 1:
             end = time_ns()
             route = ex.route
             consumer = ex.consumer
-            status = ex.status or (int(ex.local[9:12]) if ex.local else 0)
+            status = ex.status if ex.status else (int(ex.local[9:12]) if ex.local else 0)
             spans.record((ex.trace[3:35].decode(), ex.trace[36:52].decode(),
                           ex.span_parent.decode() if ex.span_parent else None, ex.method.decode("latin-1"),
                           route.name, route.api, consumer.username if consumer is not None else None,
@@ -1847,15 +1853,39 @@ cdef long _ts_sec = -1
 cdef char _ts_prefix[24]  # "YYYY-MM-DDTHH:MM:SS" of _ts_sec: one strftime per second of traffic
 
 
+cdef unsigned char _JSON_PLAIN[256]  # 1: the byte goes into a JSON string as it is (ASCII, not " \\ or a control)
+for _c in range(256):
+    _JSON_PLAIN[_c] = 32 <= _c < 128 and _c != 34 and _c != 92
+
+
 cdef inline char* _json_str(char* w, const unsigned char* s, Py_ssize_t n, bint latin1) noexcept:
     """A JSON string of `s`: bytes as Latin-1 (each byte one character, as bytes.decode("latin-1")),
-    or UTF-8 already (str values), escaped as JSON requires."""
-    cdef Py_ssize_t i
+    or UTF-8 already (str values), escaped as JSON requires. Runs of plain bytes are copied whole."""
+    cdef Py_ssize_t i = 0, j
     cdef unsigned char c
     w[0] = 34
     w += 1
-    for i in range(n):
+    cdef uint64_t x, q, b
+    while i < n:
+        j = i
+        while j + 8 <= n:  # eight at a time: no byte >= 0x80, < 0x20, '"' or '\\' (the word tricks
+            memcpy(&x, s + j, 8)  # answer "any?" exactly)
+            q = x ^ 0x2222222222222222ULL
+            b = x ^ 0x5C5C5C5C5C5C5C5CULL
+            if (x | ((x - 0x2020202020202020ULL) & ~x) | ((q - 0x0101010101010101ULL) & ~q)
+                    | ((b - 0x0101010101010101ULL) & ~b)) & 0x8080808080808080ULL:
+                break
+            j += 8
+        while j < n and _JSON_PLAIN[s[j]]:
+            j += 1
+        if j > i:
+            memcpy(w, s + i, j - i)
+            w += j - i
+            i = j
+            if i == n:
+                break
         c = s[i]
+        i += 1
         if c == 34 or c == 92:
             w[0] = 92
             w[1] = c
@@ -1880,11 +1910,10 @@ cdef inline char* _json_str(char* w, const unsigned char* s, Py_ssize_t n, bint 
 
 
 cdef inline char* _json_lit(char* w, const char* lit) noexcept:
-    while lit[0]:
-        w[0] = lit[0]
-        w += 1
-        lit += 1
-    return w
+    """A NUL-terminated constant: inlined, the C compiler knows its length and copies it whole."""
+    cdef size_t n = strlen(lit)
+    memcpy(w, lit, n)
+    return w + n
 
 
 cdef inline char* _json_opt_str(char* w, object v) except NULL:
@@ -1898,12 +1927,55 @@ cdef inline char* _json_opt_str(char* w, object v) except NULL:
     return _json_str(w, <const unsigned char*>u, n, False)
 
 
+@cython.cdivision(True)
+cdef inline char* _put_u64(char* w, uint64_t v) noexcept:
+    """`v` in decimal, as %llu writes it (snprintf's format parsing costs more than the digits)."""
+    cdef char tmp[20]
+    cdef int n = 0
+    while True:
+        tmp[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    while n > 0:
+        n -= 1
+        w[0] = tmp[n]
+        w += 1
+    return w
+
+
+cdef inline char* _put_i64(char* w, long long v) noexcept:
+    if v < 0:
+        w[0] = 45
+        return _put_u64(w + 1, <uint64_t>(-(v + 1)) + 1)
+    return _put_u64(w, <uint64_t>v)
+
+
+@cython.cdivision(True)
 cdef inline char* _json_ms(char* w, char* end, double v) noexcept:
     """A time in ms with three decimals, as round(v, 3) gives it; null when it is not a number
-    (as msgspec writes inf and nan). Never past `end`: a value too long for the room left is null."""
+    (as msgspec writes inf and nan). Never past `end`: a value too long for the room left is null.
+    Below 1e7 ms, v * 1000 is within 2e-6 of the exact product, so rounding it to an integer is
+    the correctly rounded value unless it lies that close to a half: those, and the rest, go
+    through snprintf's %.3f."""
     cdef int n
+    cdef double m, f
+    cdef uint64_t k
     if isnan(v) or isinf(v):
         return _json_lit(w, b"null")
+    if 0.0 <= v < 1e7 and end - w >= 16:
+        m = v * 1000.0
+        f = m - floor(m)
+        if not 0.49999 < f < 0.50001:
+            k = <uint64_t>floor(m + 0.5)
+            w = _put_u64(w, k // 1000)
+            k %= 1000
+            w[0] = 46
+            w[1] = <char>(48 + k // 100)
+            w[2] = <char>(48 + (k // 10) % 10)
+            w[3] = <char>(48 + k % 10)
+            return w + 4
     n = snprintf(w, end - w, b"%.3f", v)
     if n < 0 or n >= end - w:
         return _json_lit(w, b"null")
@@ -1913,9 +1985,11 @@ cdef inline char* _json_ms(char* w, char* end, double v) noexcept:
 cdef inline Py_ssize_t _json_len(object v) except -1:
     if v is None:
         return 4
+    cdef Py_ssize_t n
     if type(v) is bytes:
         return PyBytes_GET_SIZE(v)
-    return len((<str>v).encode())
+    PyUnicode_AsUTF8AndSize(v, &n)  # kept by the str: _json_opt_str reads it again for free
+    return n
 
 
 cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker, bytes client_ip, bytes method,
@@ -1926,20 +2000,21 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
     read as Latin-1; -1 for upstream_bytes, response_bytes or upstream_ms is null; the two times are
     written with three decimals, as round(x, 3) gives them."""
     global _ts_sec
-    if not 0 <= t < 253402300800:  # years 1970-9999: what the ts field can say
+    if not 0.0 <= t < 253402300800.0:  # years 1970-9999: what the ts field can say
         raise ValueError("access_line: t is not a time between 1970 and 9999")
     cdef long sec = <long>t
     cdef time_t tt = sec
     cdef tm parts
-    # the constant parts and the integers (at most 20 digits each) take about 330 bytes (each
-    # snprintf's limit covers its widest output, so none truncates), each time at most 64 (a longer
-    # one is written null), each string byte at most 6 ("\\u00XX")
+    # the constant parts and the integers (at most 20 digits and a sign each) take about 330
+    # bytes, each time at most 64 (a longer one is written null), each string byte at most 6
+    # ("\\u00XX")
     cdef Py_ssize_t cap = 420 + 2 * 64 + 6 * (_json_len(request_id) + _json_len(trace_id) + _json_len(client_ip)
                                               + _json_len(method) + _json_len(path) + _json_len(route)
                                               + _json_len(api) + _json_len(consumer))
     cdef char small[2048]
     cdef char* buf = small
     cdef char* w
+    cdef int ms
     if cap > 2048:
         buf = <char*>PyMem_Malloc(cap)
         if buf == NULL:
@@ -1949,12 +2024,19 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
             gmtime_r(&tt, &parts)
             strftime(_ts_prefix, sizeof(_ts_prefix), b"%Y-%m-%dT%H:%M:%S", &parts)
             _ts_sec = sec
-        w = buf
-        w += snprintf(w, 64, b'{"ts":"%s.%03dZ","request_id":', _ts_prefix, <int>(<long long>(t * 1000) % 1000))
+        w = _json_lit(buf, b'{"ts":"')
+        w = _json_lit(w, _ts_prefix)
+        ms = <int>(<long long>(t * 1000) % 1000)
+        w[0] = 46
+        w[1] = <char>(48 + ms // 100)
+        w[2] = <char>(48 + (ms // 10) % 10)
+        w[3] = <char>(48 + ms % 10)
+        w = _json_lit(w + 4, b'Z","request_id":')
         w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(request_id), PyBytes_GET_SIZE(request_id), True)
         w = _json_lit(w, b',"trace_id":')
         w = _json_opt_str(w, trace_id)
-        w += snprintf(w, 64, b',"worker":%ld,"client_ip":', worker)
+        w = _put_i64(_json_lit(w, b',"worker":'), worker)
+        w = _json_lit(w, b',"client_ip":')
         w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(client_ip), PyBytes_GET_SIZE(client_ip), True)
         w = _json_lit(w, b',"method":')
         w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method), True)
@@ -1966,10 +2048,12 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
         w = _json_opt_str(w, api)
         w = _json_lit(w, b',"consumer":')
         w = _json_opt_str(w, consumer)
-        w += snprintf(w, 96, b',"status":%ld,"request_bytes":%zd,"upstream_bytes":', status, request_bytes)
-        w += snprintf(w, 24, b"%zd", upstream_bytes) if upstream_bytes >= 0 else snprintf(w, 8, b"null")
+        w = _put_i64(_json_lit(w, b',"status":'), status)
+        w = _put_i64(_json_lit(w, b',"request_bytes":'), request_bytes)
+        w = _json_lit(w, b',"upstream_bytes":')
+        w = _put_i64(w, upstream_bytes) if upstream_bytes >= 0 else _json_lit(w, b"null")
         w = _json_lit(w, b',"response_bytes":')
-        w += snprintf(w, 24, b"%zd", response_bytes) if response_bytes >= 0 else snprintf(w, 8, b"null")
+        w = _put_i64(w, response_bytes) if response_bytes >= 0 else _json_lit(w, b"null")
         w = _json_lit(w, b',"gateway_ms":')
         w = _json_ms(w, w + 64, gateway_ms)
         w = _json_lit(w, b',"upstream_ms":')
