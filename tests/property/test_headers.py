@@ -582,6 +582,21 @@ def test_remove_headers_matches_model(lines, drop, case, filler, as_set):
         assert got is head  # nothing removed: no copy
 
 
+def test_remove_headers_with_more_name_sets_than_it_remembers():
+    """headers.pyx remembers the C form of the last few frozensets: six sets in turn, twice round,
+    each answered for its own names (a remembered entry never stands for another set)."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"%s: v\r\n" % n for n in NAMES)
+    sets = [frozenset({n.lower()}) for n in NAMES]
+    for _ in range(2):
+        for names in sets:
+            got = core.remove_headers(head, names)
+            assert got == model.remove_headers(head, names)
+            assert got.count(b"\r\n") == len(NAMES)  # exactly one line gone
+    for names in sets:  # equal sets that are other objects: the same answers
+        again = frozenset(set(names))
+        assert core.remove_headers(head, again) == model.remove_headers(head, names)
+
+
 def test_find_header_reads_pairs_that_are_lists():
     """A plugin may set ex.headers to pairs of its own making: read, never a crash."""
     headers = [[b"X-A", b"1"], (b"x-b", b"2")]

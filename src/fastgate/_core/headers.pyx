@@ -18,6 +18,7 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memchr, memcpy
 
@@ -411,11 +412,35 @@ cdef enum:
     DROP_SMALL = 32  # names build_request_head drops, kept on the C stack
 
 
+cdef enum:
+    NAME_SETS = 4  # frozensets whose C form _names_in_c remembers (a route's drop and remove sets)
+
+cdef PyObject* _set_ids[NAME_SETS]  # which frozenset each entry is (kept alive by _set_held)
+cdef const char* _set_names[NAME_SETS][DROP_SMALL]
+cdef Py_ssize_t _set_lens[NAME_SETS][DROP_SMALL]
+cdef int _set_counts[NAME_SETS]
+cdef list _set_held = [None] * NAME_SETS
+cdef int _set_next = 0
+
+
 cdef int _names_in_c(object names, const char** out, Py_ssize_t* lens) except -2:
     """`names` (a set of bytes, at most DROP_SMALL) as C pointers and lengths: their count, or -1
-    when it is not such a set (the caller then looks through the set itself)."""
-    cdef int count = 0
-    if (type(names) is not frozenset and type(names) is not set) or len(names) > DROP_SMALL:
+    when it is not such a set (the caller then looks through the set itself). The last NAME_SETS
+    frozensets' pointers are remembered: a frozenset cannot change, and the reference kept here
+    keeps it (and so its bytes, and so the pointers) alive, so an entry can never be stale."""
+    global _set_next
+    cdef int count = 0, k
+    cdef bint frozen = type(names) is frozenset
+    if frozen:
+        for k in range(NAME_SETS):
+            if _set_ids[k] == <PyObject*>names:
+                count = _set_counts[k]
+                memcpy(out, _set_names[k], count * sizeof(const char*))
+                memcpy(lens, _set_lens[k], count * sizeof(Py_ssize_t))
+                return count
+    elif type(names) is not set:
+        return -1
+    if len(names) > DROP_SMALL:
         return -1
     for t in names:
         if type(t) is not bytes:
@@ -423,6 +448,14 @@ cdef int _names_in_c(object names, const char** out, Py_ssize_t* lens) except -2
         out[count] = PyBytes_AS_STRING(t)
         lens[count] = PyBytes_GET_SIZE(t)
         count += 1
+    if frozen:
+        k = _set_next
+        _set_next = (k + 1) % NAME_SETS
+        _set_held[k] = names
+        _set_ids[k] = <PyObject*>names
+        _set_counts[k] = count
+        memcpy(_set_names[k], out, count * sizeof(const char*))
+        memcpy(_set_lens[k], lens, count * sizeof(Py_ssize_t))
     return count
 
 
