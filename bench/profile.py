@@ -10,9 +10,10 @@ load (-t1 -c16), dumps, and prints the instructions per request and the function
     .venv/bin/python bench/profile.py [--scenario NAME] [--seconds 10] [--top 25]
 
 Scenarios (SCENARIOS below; `--help` lists them): proxy, gateway, observability, ratelimit,
-lease, exact — compare.py's subjects of the same names, without the metrics listener — and lean,
-the uvloop + httptools yardstick. lease and exact start a redis-server of their own. Needs valgrind
-(`apt-get install valgrind`) and wrk. Figures in bench/RESULTS.md's profile notes came from this.
+lease, exact — the configurations of compare.py's plain route, gateway job (analytics off, on) and
+rate-limit subjects, without the metrics listener — and lean, the uvloop + httptools yardstick.
+lease and exact start a redis-server of their own. Needs valgrind (`apt-get install valgrind`)
+and wrk. Figures in bench/RESULTS.md's profile notes came from this.
 """
 from __future__ import annotations
 

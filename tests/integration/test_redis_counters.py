@@ -213,6 +213,25 @@ async def test_lease_spends_locally_and_tops_up_before_running_dry(loop, server)
         assert rc.max_overshoot == 10
 
 
+async def test_a_failed_top_up_is_counted_and_not_repeated_at_once(loop, server):
+    async with counters(server.url, mode="lease", lease_size=10) as rc:
+        assert (await decide(rc.gcra(b"t", 1000, HOUR, 1000)))[0]  # 9 tokens left
+        lease = rc._gcra_leases[b"t"]
+        server.command("DEL", rc.full_key(b"t"))
+        server.command("HSET", rc.full_key(b"t"), "x", "1")  # the script's GET now fails: WRONGTYPE
+        server.command("CONFIG", "RESETSTAT")
+        for _ in range(4):  # down to 5: the top-up goes, and fails
+            assert (await decide(rc.gcra(b"t", 1000, HOUR, 1000)))[0]
+        await until(lambda: lease.waiters is None)
+        assert rc.errors == 1 and calls(server) == 1
+        for _ in range(5):  # the tokens left are spent; no second top-up within the second
+            r = rc.gcra(b"t", 1000, HOUR, 1000)
+            assert type(r) is tuple and r[0]
+            await asyncio.sleep(0.01)  # a top-up, if one were sent, would reach Redis
+        await until(lambda: lease.waiters is None)
+        assert calls(server) == 1 and lease.tokens == 0 and rc.errors == 1
+
+
 async def test_lease_refusal_is_remembered_until_a_token_is_due(loop, server):
     async with counters(server.url, mode="lease", lease_size=10) as rc:
         got = [await decide(rc.gcra(b"few", 3, HOUR, 3)) for _ in range(4)]

@@ -11,7 +11,11 @@ from fastgate._core.proxy import access_line
 from fastgate.accesslog import AccessLog
 
 # any byte: quotes, backslashes, controls, Latin-1; sometimes long (the line outgrows the stack buffer)
-TEXT = st.binary(max_size=24) | st.binary(min_size=300, max_size=700)
+# and mostly plain ASCII with the bytes that need escaping scattered at any offset (the formatter
+# copies runs of plain bytes eight at a time, then byte by byte from the first that is not)
+PIECES = st.sampled_from([b"a", b"Z", b"0", b"/", b"-", b"abcdefgh", b"0123456789abcdef", b'"', b"\\", b"\x00",
+                          b"\x1f", b"\t", b"\x7f", b"\x80", b"\xc3\xa9", b"\xff"])
+TEXT = st.binary(max_size=24) | st.binary(min_size=300, max_size=700) | st.lists(PIECES, max_size=40).map(b"".join)
 NAME = st.none() | st.text(max_size=12)  # route, api, consumer: any str (UTF-8 out)
 MS = st.floats(min_value=0, max_value=1e7) | st.sampled_from([1e300, float("inf"), float("nan")])
 

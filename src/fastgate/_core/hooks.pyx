@@ -47,7 +47,7 @@ KEY_KINDS = {"route": KEY_FIXED, "api": KEY_FIXED, "ip": KEY_IP, "consumer": KEY
 cdef enum:
     BUF = 512  # the fields' bytes: the policy's five constant parts and four numbers fit in this
     DIGESTS_MAX = 10000  # KeyAuth: presented keys whose digest is remembered, per worker and policy
-    KEYS_MAX = 10000  # _Limit: client addresses and usernames whose bucket key is remembered
+    KEYS_MAX = 1024  # _Limit: client addresses and usernames whose bucket key is remembered, per policy
 
 
 cdef inline void _bump(pending, bytes name) except *:

@@ -1955,7 +1955,8 @@ cdef inline char* _put_i64(char* w, long long v) noexcept:
 @cython.cdivision(True)
 cdef inline char* _json_ms(char* w, char* end, double v) noexcept:
     """A time in ms with three decimals, as round(v, 3) gives it; null when it is not a number
-    (as msgspec writes inf and nan). Never past `end`: a value too long for the room left is null.
+    (as msgspec writes inf and nan). Never past `end` (the caller leaves at least 64 bytes, room
+    for "null" and more): a value too long for the room left is null.
     Below 1e7 ms, v * 1000 is within 2e-6 of the exact product, so rounding it to an integer is
     the correctly rounded value unless it lies that close to a half: those, and the rest, go
     through snprintf's %.3f."""

@@ -18,7 +18,7 @@ cdef class Limiter:
 @cython.final
 cdef class Lease:
     cdef public int64_t tokens, remaining, refused_cost, want
-    cdef public double expires, reset_at, refused_until, ttl
+    cdef public double expires, reset_at, refused_until, refill_after, ttl
     cdef public int kind
     cdef public object waiters
     cdef public tuple args

@@ -35,6 +35,7 @@ class Lease:
     expires: float
     reset_at: float
     refused_until: float
+    refill_after: float
     ttl: float
     kind: int
     waiters: list | None

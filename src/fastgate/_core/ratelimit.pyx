@@ -180,6 +180,7 @@ cdef class Lease:
         self.reset_at = 0.0
         self.refused_until = 0.0  # Redis said no token for `refused_cost` before this
         self.refused_cost = 0
+        self.refill_after = 0.0  # a top-up failed: none before this
         self.waiters = None  # [(future, cost)] while a fetch is in flight
         self.want = 0
         self.kind = kind

@@ -565,6 +565,10 @@ class RedisCounters:
 
     def _failed(self, fut, kind: int, args: tuple, why) -> None:
         """A call failed (connection lost, timed out, error reply): the failure behaviour."""
+        self._count_failure(why)
+        self._resolve_down(fut, kind, args)
+
+    def _count_failure(self, why) -> None:
         if not isinstance(why, ConnectionFailure):
             self.errors += 1  # connection failures were counted once, by _lost
             now = self._loop.time()
@@ -572,7 +576,6 @@ class RedisCounters:
                 self._quiet_until = now + 60.0
                 log.warning("redis counters call failed (%s): %s", why, "using the local counters"
                             if self.fail_open else "refusing with 503")
-        self._resolve_down(fut, kind, args)
 
     # -- lease -------------------------------------------------------------------------------------
     def _leased(self, leases: dict, lease: _Lease | None, kind: int, args: tuple):
@@ -608,9 +611,11 @@ class RedisCounters:
     def _refill(self, lease: _Lease) -> None:
         """Half the lease is spent and no fetch is in flight: top it up to `lease_size` in the
         background, so the requests meanwhile spend what is left instead of waiting on the round
-        trip (a request that finds it empty waits on this fetch). Never beyond `lease_size`: the
-        overshoot bound stands. Not while Redis's last refusal holds, nor while it is down."""
-        if self._loop.time() < lease.refused_until:
+        trip (a request that finds it empty waits on this fetch). A top-up never takes the lease
+        beyond `lease_size`. Not while Redis's last refusal holds, nor while it is down, nor for
+        a second after a top-up failed (an error reply: counted in `errors`, logged)."""
+        now = self._loop.time()
+        if now < lease.refused_until or now < lease.refill_after:
             return
         conn = self._conn or self._link(lease.args[0])
         if conn is None or conn.closed:
@@ -630,6 +635,9 @@ class RedisCounters:
             if self._again(reply, lease.kind, ctx[1], self._on_lease, ctx):
                 return
             waiters, lease.waiters = lease.waiters or [], None
+            if not waiters:  # a top-up nobody waited for: counted, and no other for a second
+                self._count_failure(reply)
+                lease.refill_after = self._loop.time() + 1.0
             for fut, cost in waiters:
                 self._failed(fut, lease.kind, lease.args + (cost,), reply)
             return
