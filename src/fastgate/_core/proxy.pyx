@@ -243,23 +243,38 @@ cdef bytes _child_traceparent(WorkerState st, bytes parent):
     return tp
 
 
+@cython.cdivision(True)
+cdef inline char* _put_u64(char* w, uint64_t v) noexcept:
+    """`v` in decimal, as %llu writes it (snprintf's format parsing costs more than the digits)."""
+    cdef char tmp[20]
+    cdef int n = 0
+    while True:
+        tmp[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    while n > 0:
+        n -= 1
+        w[0] = tmp[n]
+        w += 1
+    return w
+
+
+cdef inline char* _put_i64(char* w, long long v) noexcept:
+    if v < 0:
+        w[0] = 45
+        return _put_u64(w + 1, <uint64_t>(-(v + 1)) + 1)
+    return _put_u64(w, <uint64_t>v)
+
+
 cdef inline Py_ssize_t _format_content_length(char* buf, Py_ssize_t n) noexcept:
     """Writes b"Content-Length: %d\\r\\n" % n (n >= 0) to buf (48 bytes), without printf; its length."""
-    cdef char digits[24]
-    cdef int k = 0, i
-    cdef size_t u = <size_t>n
-    while True:
-        digits[k] = <char>(48 + u % 10)
-        k += 1
-        u //= 10
-        if u == 0:
-            break
     memcpy(buf, b"Content-Length: ", 16)
-    for i in range(k):
-        buf[16 + i] = digits[k - 1 - i]
-    buf[16 + k] = 13
-    buf[17 + k] = 10
-    return 18 + k
+    cdef char* w = _put_u64(buf + 16, <uint64_t>n)
+    w[0] = 13
+    w[1] = 10
+    return w + 2 - buf
 
 
 # A response head is assembled from at most MAX_PIECES pieces (pointers into bytes objects the
@@ -1925,31 +1940,6 @@ cdef inline char* _json_opt_str(char* w, object v) except NULL:
         return _json_str(w, <const unsigned char*>PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), True)
     u = PyUnicode_AsUTF8AndSize(v, &n)
     return _json_str(w, <const unsigned char*>u, n, False)
-
-
-@cython.cdivision(True)
-cdef inline char* _put_u64(char* w, uint64_t v) noexcept:
-    """`v` in decimal, as %llu writes it (snprintf's format parsing costs more than the digits)."""
-    cdef char tmp[20]
-    cdef int n = 0
-    while True:
-        tmp[n] = <char>(48 + v % 10)
-        n += 1
-        v //= 10
-        if v == 0:
-            break
-    while n > 0:
-        n -= 1
-        w[0] = tmp[n]
-        w += 1
-    return w
-
-
-cdef inline char* _put_i64(char* w, long long v) noexcept:
-    if v < 0:
-        w[0] = 45
-        return _put_u64(w + 1, <uint64_t>(-(v + 1)) + 1)
-    return _put_u64(w, <uint64_t>v)
 
 
 @cython.cdivision(True)
