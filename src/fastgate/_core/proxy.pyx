@@ -261,6 +261,16 @@ cdef inline char* _put_u64(char* w, uint64_t v) noexcept:
     return w
 
 
+@cython.cdivision(True)
+cdef inline char* _put_thousandths(char* w, uint64_t k) noexcept:
+    """".%03d" % k for 0 <= k < 1000."""
+    w[0] = 46
+    w[1] = <char>(48 + k // 100)
+    w[2] = <char>(48 + (k // 10) % 10)
+    w[3] = <char>(48 + k % 10)
+    return w + 4
+
+
 cdef inline char* _put_i64(char* w, long long v) noexcept:
     if v < 0:
         w[0] = 45
@@ -1960,13 +1970,7 @@ cdef inline char* _json_ms(char* w, char* end, double v) noexcept:
         f = m - floor(m)
         if not 0.49999 < f < 0.50001:
             k = <uint64_t>floor(m + 0.5)
-            w = _put_u64(w, k // 1000)
-            k %= 1000
-            w[0] = 46
-            w[1] = <char>(48 + k // 100)
-            w[2] = <char>(48 + (k // 10) % 10)
-            w[3] = <char>(48 + k % 10)
-            return w + 4
+            return _put_thousandths(_put_u64(w, k // 1000), k % 1000)
     n = snprintf(w, end - w, b"%.3f", v)
     if n < 0 or n >= end - w:
         return _json_lit(w, b"null")
@@ -2005,7 +2009,6 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
     cdef char small[2048]
     cdef char* buf = small
     cdef char* w
-    cdef int ms
     if cap > 2048:
         buf = <char*>PyMem_Malloc(cap)
         if buf == NULL:
@@ -2017,12 +2020,8 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
             _ts_sec = sec
         w = _json_lit(buf, b'{"ts":"')
         w = _json_lit(w, _ts_prefix)
-        ms = <int>(<long long>(t * 1000) % 1000)
-        w[0] = 46
-        w[1] = <char>(48 + ms // 100)
-        w[2] = <char>(48 + (ms // 10) % 10)
-        w[3] = <char>(48 + ms % 10)
-        w = _json_lit(w + 4, b'Z","request_id":')
+        w = _put_thousandths(w, <uint64_t>(<long long>(t * 1000) % 1000))
+        w = _json_lit(w, b'Z","request_id":')
         w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(request_id), PyBytes_GET_SIZE(request_id), True)
         w = _json_lit(w, b',"trace_id":')
         w = _json_opt_str(w, trace_id)
