@@ -81,3 +81,6 @@ cdef class Router:
     cdef void _search(self, Search* s, const char* host, Py_ssize_t hlen) noexcept nogil
     cdef void _walk(self, Search* s, int32_t root) noexcept nogil
     cdef void _accept(self, Search* s, const Node* nd, int32_t nparams) noexcept nogil
+
+
+cpdef object normalize_path(bytes path)

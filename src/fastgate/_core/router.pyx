@@ -327,18 +327,22 @@ def parse_pattern(pattern):
     return tuple([seg[2] for seg in _parse(pattern) if seg[0] != SEG_STATIC])
 
 
-def normalize_path(bytes path not None):
+cpdef object normalize_path(bytes path):
     """`path` with unreserved %HH decoded, other %hh uppercased and dot segments removed.
 
     None when the gateway must answer 400: no leading '/', a byte < 0x21, 0x7F, >= 0x80 or '#',
     a '%' without two hex digits, or a '..' above the root. Returns `path` itself when unchanged.
     """
-    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(path)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(path)
+    cdef const unsigned char* p
+    cdef Py_ssize_t n
     cdef unsigned char small[NORM_SMALL]
     cdef unsigned char* out = small
     cdef Py_ssize_t o
     cdef bint changed = False
+    if path is None:
+        raise TypeError("normalize_path: path must be bytes, not None")
+    p = <const unsigned char*>PyBytes_AS_STRING(path)
+    n = PyBytes_GET_SIZE(path)
     if n == 0 or p[0] != c'/':
         return None
     if n > NORM_SMALL:
