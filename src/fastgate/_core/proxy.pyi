@@ -13,6 +13,9 @@ def hex16(v: int) -> bytes:
 def llhttp_direct() -> bool:
     """True when request HTTP versions and methods are read from llhttp's state (the import-time probe passed)."""
 
+def keep_alive_direct() -> bool:
+    """True when a request's keep-alive is read from llhttp's flags (the import-time probe passed)."""
+
 @final
 class Exchange:
     """One request/response. A policy's hooks receive it; fields not listed here are internal."""

@@ -76,6 +76,7 @@ cdef extern from *:
         int32_t _index; void* _span_pos0; void* _span_cb0; int32_t error; const char* reason;
         const char* error_pos; void* data; void* _current; uint64_t content_length;
         uint8_t type; uint8_t method; uint8_t http_major; uint8_t http_minor;
+        uint8_t header_state; uint16_t lenient_flags; uint8_t upgrade; uint8_t finish; uint16_t flags;
     } fg_llhttp_head;
     typedef struct { PyObject_HEAD void* vtab; fg_llhttp_head* cparser; } fg_httptools_parser;
     """
@@ -84,6 +85,7 @@ cdef extern from *:
         unsigned char method
         unsigned char http_major
         unsigned char http_minor
+        unsigned short flags  # F_CONNECTION_KEEP_ALIVE 1, F_CONNECTION_CLOSE 2 (llhttp 9's layout)
     ctypedef struct fg_httptools_parser:
         fg_llhttp_head* cparser
 
@@ -95,6 +97,17 @@ cdef inline fg_llhttp_head* _llhttp(object parser) noexcept:
 class _Probe:
     def on_url(self, url):
         pass
+
+
+class _KeepAliveProbe:
+    """Records, at each head's end, what the flags say and what should_keep_alive() says."""
+
+    def __init__(self):
+        self.parser = None
+        self.seen = []
+
+    def on_headers_complete(self):
+        self.seen.append((_keep_alive_flags(_llhttp(self.parser)), self.parser.should_keep_alive()))
 
 
 cdef bint _llhttp_probe():
@@ -118,6 +131,41 @@ cdef bint _llhttp_probe():
 
 
 cdef bint LLHTTP_DIRECT = _llhttp_probe()
+
+
+cdef inline bint _keep_alive_flags(fg_llhttp_head* h) noexcept:
+    """llhttp_should_keep_alive() for a request head, from its flags: HTTP/1.1 unless Connection
+    says close, HTTP/1.0 only if it says keep-alive (a request never needs EOF)."""
+    if h.http_major > 0 and h.http_minor > 0:
+        return not (h.flags & 2)
+    return (h.flags & 1) != 0
+
+
+cdef bint _keep_alive_probe():
+    """The flags are where llhttp 9 keeps them on this httptools build: every answer of
+    should_keep_alive() over heads that set neither, one or both Connection flags is theirs."""
+    # one parser per connection; the first one's second head checks the flags reset between heads
+    conns = (((b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True), (b"GET / HTTP/1.0\r\n\r\n", False)),
+             ((b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", True), (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", False)),
+             ((b"GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n", False),),
+             ((b"GET / HTTP/1.1\r\nConnection: Keep-Alive\r\n\r\n", True),),
+             ((b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n", False),))
+    if not LLHTTP_DIRECT:
+        return False
+    try:
+        for conn in conns:
+            probe = _KeepAliveProbe()
+            probe.parser = httptools.HttpRequestParser(probe)
+            for req, _ in conn:
+                probe.parser.feed_data(req)
+            if probe.seen != [(want, want) for _, want in conn]:
+                return False
+        return True
+    except Exception:
+        return False
+
+
+cdef bint KEEPALIVE_DIRECT = _keep_alive_probe()
 cdef list _METHOD_NAMES = [None] * 256  # llhttp method code -> get_method()'s bytes, as seen
 
 
@@ -138,6 +186,11 @@ def llhttp_direct():
     """True when requests' HTTP versions and methods are read from llhttp's state (the probe above
     passed)."""
     return LLHTTP_DIRECT
+
+
+def keep_alive_direct():
+    """True when a request's keep-alive is read from llhttp's flags (_keep_alive_probe passed)."""
+    return KEEPALIVE_DIRECT
 
 
 
@@ -921,9 +974,10 @@ cdef class GatewayProtocol:
             self._flush(ex)
 
     # --- parser callbacks (httptools) -------------------------------------------------------------
-    def on_url(self, url):
-        self._url += url
-        if len(self._url) > self._state.max_uri_bytes:
+    def on_url(self, bytes url):
+        # llhttp hands the target over in one piece unless it straddles two reads
+        self._url = url if PyBytes_GET_SIZE(self._url) == 0 else self._url + url
+        if PyBytes_GET_SIZE(self._url) > self._state.max_uri_bytes:
             self._reject(414, "uri_too_long")
 
     def on_header(self, bytes name, bytes value):
@@ -958,7 +1012,10 @@ cdef class GatewayProtocol:
             ex.version = 11 if version == "1.1" else 10 if version == "1.0" else -1
         if ex.version < 0:  # HTTP/0.9 has no headers to route on; 2.0 and later never arrive as text
             return self._reject(505 if version[:1] >= "2" else 400, "http_version_not_supported")
-        ex.keep_alive = parser.should_keep_alive() and not state.draining
+        if KEEPALIVE_DIRECT:  # should_keep_alive() without its method call
+            ex.keep_alive = _keep_alive_flags(lh) and not state.draining
+        else:
+            ex.keep_alive = parser.should_keep_alive() and not state.draining
         headers = self._headers
         ex.headers = headers
         cdef RequestInfo info
