@@ -83,9 +83,11 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
-        if self.lines:
-            lines, self.lines = self.lines, []
-            self._write(b"".join(lines), len(lines))
+        lines = self.lines
+        if lines:  # emptied in place: the data plane holds this very list (WorkerState.access_log)
+            data, n = b"".join(lines), len(lines)
+            lines.clear()
+            self._write(data, n)
         if not self.pending:
             return
         rows, self.pending = self.pending, []

@@ -113,6 +113,84 @@ routes:
         gw.stop()
 
 
+def test_access_log_lines_name_each_requests_route_api_consumer_and_client_on_one_connection(tmp_path):
+    """The data plane makes a connection's and a route's part of the line once: on one keep-alive
+    connection, every line must still name its own route, API, consumer, client address (a trusted
+    proxy names a different one per request) and trace."""
+    import hashlib
+    import http.server
+    import threading
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    up = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=up.serve_forever, daemon=True).start()
+    log = tmp_path / "access.log"
+    digest = hashlib.sha256(b"alice-key").hexdigest()
+    real_ip = '{type: real-ip, trusted: ["127.0.0.1/32"]}'
+    gw = Gateway(tmp_path, f"""
+access_log: {log}
+consumers:
+  - {{username: alice, keys: ["sha256:{digest}"]}}
+upstreams:
+  - {{name: u, targets: [{{address: "127.0.0.1:{up.server_address[1]}"}}]}}
+routes:
+  - {{name: hello, paths: [/hello], mock: {{body: hi}}, policies: [{real_ip}]}}
+  - {{name: proxied, paths: [/up], upstream: u, policies: [{real_ip}]}}
+apis:
+  - name: shop
+    base_path: /shop
+    versions:
+      - version: v1
+        state: published
+        routes:
+          - {{name: items, paths: [/items], mock: {{body: i}}, policies: [{real_ip}, {{type: key-auth}}]}}
+""", workers=1)
+    sent = [("/hello", "10.0.0.1", None, None), ("/shop/items", "10.0.0.2", "alice-key", None),
+            ("/up", None, None, TP), ("/hello", None, None, None), ("/shop/items", "10.0.0.1", None, None),
+            ("/nowhere", "10.0.0.3", None, None), ("/up", "10.0.0.4", None, None),
+            ("/shop/items", None, "alice-key", None)]
+    try:
+        base = gw.url.replace("/hello", "")
+        with httpx.Client(base_url=base) as c:
+            for path, xff, key, tp in sent:
+                headers = {}
+                if xff:
+                    headers["x-forwarded-for"] = xff
+                if key:
+                    headers["apikey"] = key
+                if tp:
+                    headers["traceparent"] = tp
+                c.get(path, headers=headers)
+    finally:
+        gw.stop()  # the worker flushes on its way out
+        up.shutdown()
+    lines = _lines(log)[-len(sent):]  # before them: the harness's own request
+    got = [(x["path"], x["client_ip"], x["route"], x["api"], x["consumer"], x["status"]) for x in lines]
+    assert got == [("/hello", "10.0.0.1", "hello", None, None, 200),
+                   ("/shop/items", "10.0.0.2", "items", "shop", "alice", 200),
+                   ("/up", "127.0.0.1", "proxied", None, None, 200),
+                   ("/hello", "127.0.0.1", "hello", None, None, 200),
+                   ("/shop/items", "10.0.0.1", "items", "shop", None, 401),
+                   ("/nowhere", "127.0.0.1", None, None, None, 404),
+                   ("/up", "10.0.0.4", "proxied", None, None, 200),
+                   ("/shop/items", "127.0.0.1", "items", "shop", "alice", 200)]
+    traces = [x["trace_id"] for x in lines]
+    assert traces[2] == TP[3:35]  # the client's, propagated
+    assert re.fullmatch("[0-9a-f]{32}", traces[6]) and traces[6] != TP[3:35]  # made for the request
+    assert len({x["worker"] for x in lines}) == 1 and lines[0]["worker"] > 1
+
+
 def test_access_log_sampling_keeps_errors(tmp_path):
     log = tmp_path / "access.log"
     gw = Gateway(tmp_path, f"""

@@ -109,3 +109,71 @@ def test_times_on_a_half_thousandth_round_as_round_does():
         line = access_line(1.5e9, b"r", None, 1, b"c", b"GET", b"/", None, None, None, 200, 0, -1, -1, v, v)
         doc = json.loads(line)
         assert doc["gateway_ms"] == doc["upstream_ms"] == round(v, 3), v
+
+
+class Recorder:
+    """A usage recorder's interface to the data plane: pending, hour, and the batch token replaced
+    with pending (control/analytics.UsageRecorder.flush, usage_redis.RedisUsageRecorder._take)."""
+
+    def __init__(self):
+        self.pending, self.batch, self.hour = {}, object(), 490000
+
+    def take(self, failed: bool) -> dict:
+        batch = self.pending
+        self.pending, self.batch = {}, object()
+        if failed:  # UsageRecorder.flush when the store refuses: back into pending, merged
+            for k, c in batch.items():
+                p = self.pending.get(k)
+                if p is None:
+                    self.pending[k] = c
+                else:
+                    p[0] += c[0]
+                    p[1] += c[1]
+                    p[2] += c[2]
+            return {}
+        return batch
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.just("req"), st.sampled_from(["ann", "bob"]), st.sampled_from([None, "gold", "silver"]),
+              st.integers(0, 2), st.integers(100, 599), st.floats(0, 100, allow_nan=False)),
+    st.tuples(st.just("take"), st.booleans()),
+    st.tuples(st.just("hour"), st.integers(490000, 490002))), max_size=60))
+def test_the_data_planes_remembered_usage_counts_add_up_to_the_reference(ops):
+    """proxy._count_usage_route keeps, per route and username, the counts list it last found; over
+    requests, hour changes, batches taken (written, or refused and merged back) and a plan changing
+    under a username, what it counted must add up to count_usage's own counts."""
+    from fastgate._core.proxy import RouteCore, count_usage, count_usage_route
+
+    routes = []
+    for api in (None, "", "billing"):
+        r = RouteCore()
+        r.api = api
+        routes.append(r)
+    plans = {"gold": "gold", "silver": "silver"}
+    got, want = Recorder(), Recorder()
+    got_total, want_total = {}, {}
+
+    def add(total, batch):
+        for k, c in batch.items():
+            t = total.setdefault(k, [0, 0, 0])
+            for i in range(3):
+                t[i] += c[i]
+
+    for op in ops:
+        if op[0] == "req":
+            _, user, plan, ri, status, seconds = op
+            # a plan string made anew now and then: the same plan, not the same object
+            plan = plans[plan] if plan is not None and status % 2 else (plan[:1] + plan[1:] if plan else None)
+            consumer = Who(user, plan)
+            count_usage_route(got, consumer, routes[ri], status, seconds)
+            count_usage(want.pending, want.hour, consumer, routes[ri], status, seconds)
+        elif op[0] == "take":
+            add(got_total, got.take(op[1]))
+            add(want_total, want.take(op[1]))
+        else:
+            got.hour = want.hour = op[1] + 0  # a new int object, as the recorders' tick makes
+    add(got_total, got.take(False))
+    add(want_total, want.take(False))
+    assert got_total == want_total

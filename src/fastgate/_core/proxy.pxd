@@ -25,6 +25,8 @@ cdef class RouteCore:
     cdef public object version  # the API version's name, or None
     cdef public ChainCore chain  # the route's compiled policies (policies/base.py)
     cdef public object canary  # server/canary.Canary: part of the traffic to another upstream
+    cdef bytes log_fields  # the access log's `,"route":…,"api":…` for this route, made at its first line
+    cdef dict usage_slots  # the usage ledger's counts of this route by username (_count_usage_route)
 
 
 cdef class RouterValue:
@@ -153,7 +155,10 @@ cdef class WorkerState:
     cdef public Py_ssize_t requests
     cdef public object metrics
     cdef public Py_ssize_t sampled
-    cdef public object access_log
+    cdef object _access_log  # accesslog.AccessLog (the property access_log); its lines, sample and pid as C fields
+    cdef list alog_lines
+    cdef double alog_sample
+    cdef long alog_pid
     cdef public object usage
     cdef public object spans
     cdef uint64_t rng0, rng1  # xorshift128+ for trace and span ids, seeded per worker from os.urandom
@@ -188,6 +193,8 @@ cdef class GatewayProtocol:
     cdef list _headers
     cdef Py_ssize_t _hbytes
     cdef Exchange _ex
+    cdef object _log_ip  # the client address _log_fields was made for (a trusted proxy may name others)
+    cdef bytes _log_fields  # the access log's `,"worker":…,"client_ip":…` for it
 
     cdef _no_route(self, Exchange ex, str error)
     cdef _body_ready(self, Exchange ex)
@@ -213,6 +220,7 @@ cdef class GatewayProtocol:
     cdef _timeout(self, Exchange ex, str what)
     cdef bytes _hash_key(self, Exchange ex, UpstreamCore group)
     cdef _count_consumer(self, Exchange ex, int status)
+    cdef _log_line(self, Exchange ex, list lines, int status, double elapsed, double upstream)
     cpdef pause_client_reading(self, int reason)
     cpdef resume_client_reading(self, int reason)
     cdef informational(self, Exchange ex, ResponseHead rh)

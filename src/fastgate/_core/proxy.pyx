@@ -34,6 +34,8 @@ import httptools
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_SIZE
+from cpython.ref cimport PyObject
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.math cimport floor, isinf, isnan
@@ -53,10 +55,16 @@ cdef extern from "<time.h>" nogil:
 from .headers import ChunkedScanner
 from .balance cimport HASH_CONSUMER, HASH_COOKIE, HASH_HEADER
 from .headers cimport build_request_head, find_header, scan_request, scan_response_head
-from .router import normalize_path
+from .router cimport normalize_path
 from ..errors import (GatewayError, NoHealthyUpstream, UpstreamConnectError, UpstreamProtocolError,
                       UpstreamResetError, UpstreamTimeout)
 from ..accesslog import BATCH as ALOG_BATCH
+
+cdef Py_ssize_t ALOG_BATCH_N = ALOG_BATCH
+
+cdef extern from "Python.h":
+    # PyDict_GetItem without its saving and restoring of the error state (NULL: not there)
+    PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
 from ..policies.base import IDENTITY_HEADERS
 from ..server.responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
 
@@ -830,6 +838,19 @@ cdef class WorkerState:
         self.usage = None  # control.analytics.UsageRecorder: the billing ledger's counts, set by the worker
         self.sampled = 0  # requests with policies; every SAMPLE_MASK+1-th has its hooks timed
 
+    @property
+    def access_log(self):
+        """accesslog.AccessLog when the config has one. Its line list (which it empties in place),
+        sample and pid are read by the data plane as C fields, set here."""
+        return self._access_log
+
+    @access_log.setter
+    def access_log(self, alog):
+        self._access_log = alog
+        self.alog_lines = alog.lines if alog is not None else None
+        self.alog_sample = alog.sample if alog is not None else 1.0
+        self.alog_pid = alog.pid if alog is not None else 0
+
     cpdef bytes new_request_id(self):
         """The worker's random prefix and a 16-hex-digit counter."""
         cdef Py_ssize_t n = len(self.rid_prefix)
@@ -1337,22 +1358,14 @@ cdef class GatewayProtocol:
                 self._count_consumer(ex, status)
             usage = self._state.usage
             if ex.consumer is not None and usage is not None:
-                count_usage(usage.pending, usage.hour, ex.consumer, ex.route, status, elapsed)
-            alog = self._state.access_log
-            if alog is not None and (status >= 400 or alog.sample >= 1.0 or random() < alog.sample):
-                route = ex.route
-                consumer = ex.consumer
-                lines = alog.lines  # AccessLog.add, without its Python frame
-                lines.append(access_line(_realtime(), ex.request_id, ex.trace[3:35] if ex.trace else None, alog.pid,
-                                     ex.client_ip, ex.method, ex.path,
-                                     route.name if route is not None else None,
-                                     route.api if route is not None else None,
-                                     consumer.username if consumer is not None else None, status, ex.body_bytes,
-                                     ex.upstream_bytes if ex.t_up >= 0 else -1,
-                                     len(ex.local) if ex.local else -1, elapsed * 1000,
-                                     upstream * 1000 if upstream >= 0 else -1.0))
-                if len(lines) >= ALOG_BATCH:
-                    alog.flush()
+                if ex.route is not None:
+                    _count_usage_route(usage, ex.consumer, ex.route, status, elapsed)
+                else:
+                    count_usage(usage.pending, usage.hour, ex.consumer, None, status, elapsed)
+            lines = self._state.alog_lines
+            if lines is not None and (status >= 400 or self._state.alog_sample >= 1.0
+                                      or random() < self._state.alog_sample):
+                self._log_line(ex, lines, status, elapsed, upstream)
         spans = self._state.spans
         if spans is not None and ex.trace is not None and ex.t0 and int(ex.trace[53:55], 16) & 1:
             end = time_ns()
@@ -1389,6 +1402,29 @@ cdef class GatewayProtocol:
         elif self._phase == WAIT:
             self._phase = IDLE
             self._since = state.now
+
+    cdef _log_line(self, Exchange ex, list lines, int status, double elapsed, double upstream):
+        """AccessLog.add's work without its Python frame: the line appended to the worker's list. The
+        connection's fields (worker, client address) and the route's (route, API) are made once, by
+        the helpers access_line uses too."""
+        cdef RouteCore route = ex.route
+        cdef bytes route_fields
+        if ex.client_ip is not self._log_ip or self._log_fields is None:
+            self._log_fields = _conn_fields(self._state.alog_pid, ex.client_ip)
+            self._log_ip = ex.client_ip
+        if route is None:
+            route_fields = _NO_ROUTE_FIELDS
+        else:
+            route_fields = route.log_fields
+            if route_fields is None:
+                route_fields = route.log_fields = _route_fields(route.name, route.api)
+        consumer = ex.consumer
+        lines.append(_line(_realtime(), ex.request_id, ex.trace, True, self._log_fields, ex.method, ex.path,
+                           route_fields, consumer.username if consumer is not None else None, status, ex.body_bytes,
+                           ex.upstream_bytes if ex.t_up >= 0 else -1, len(ex.local) if ex.local else -1,
+                           elapsed * 1000, upstream * 1000 if upstream >= 0 else -1.0))
+        if PyList_GET_SIZE(lines) >= ALOG_BATCH_N:
+            self._state._access_log.flush()
 
     cdef _count_consumer(self, Exchange ex, int status):
         """metrics.consumer_label: only consumers the config or the store knows get a series — a
@@ -1958,6 +1994,14 @@ cdef inline char* _json_str(char* w, const unsigned char* s, Py_ssize_t n, bint 
                     | ((b - 0x0101010101010101ULL) & ~b)) & 0x8080808080808080ULL:
                 break
             j += 8
+        if j < n and j + 8 > n:  # a tail shorter than a word: the same test on it padded with 'A's
+            x = 0x4141414141414141ULL
+            memcpy(&x, s + j, n - j)
+            q = x ^ 0x2222222222222222ULL
+            b = x ^ 0x5C5C5C5C5C5C5C5CULL
+            if not ((x | ((x - 0x2020202020202020ULL) & ~x) | ((q - 0x0101010101010101ULL) & ~q)
+                     | ((b - 0x0101010101010101ULL) & ~b)) & 0x8080808080808080ULL):
+                j = n
         while j < n and _JSON_PLAIN[s[j]]:
             j += 1
         if j > i:
@@ -2044,25 +2088,77 @@ cdef inline Py_ssize_t _json_len(object v) except -1:
     return n
 
 
+cdef bytes _NO_ROUTE_FIELDS = b',"route":null,"api":null'
+
+
+cdef bytes _conn_fields(long worker, bytes client_ip):
+    """The line's `,"worker":…,"client_ip":…`: the same for every request of a connection."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(client_ip)
+    cdef char small[256]
+    cdef char* buf = small
+    cdef char* w
+    if 48 + 6 * n > 256:
+        buf = <char*>PyMem_Malloc(48 + 6 * n)
+        if buf == NULL:
+            raise MemoryError()
+    try:
+        w = _put_i64(_json_lit(buf, b',"worker":'), worker)
+        w = _json_lit(w, b',"client_ip":')
+        w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(client_ip), n, True)
+        return PyBytes_FromStringAndSize(buf, w - buf)
+    finally:
+        if buf != small:
+            PyMem_Free(buf)
+
+
+cdef bytes _route_fields(object route, object api):
+    """The line's `,"route":…,"api":…`: the same for every request of a route."""
+    cdef Py_ssize_t cap = 32 + 6 * (_json_len(route) + _json_len(api))
+    cdef char* buf = <char*>PyMem_Malloc(cap)
+    cdef char* w
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        w = _json_opt_str(_json_lit(buf, b',"route":'), route)
+        w = _json_opt_str(_json_lit(w, b',"api":'), api)
+        return PyBytes_FromStringAndSize(buf, w - buf)
+    finally:
+        PyMem_Free(buf)
+
+
 cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker, bytes client_ip, bytes method,
                         bytes path, object route, object api, object consumer, long status, Py_ssize_t request_bytes,
                         Py_ssize_t upstream_bytes, Py_ssize_t response_bytes, double gateway_ms,
                         double upstream_ms):
     """One access-log line (JSON, newline-terminated; accesslog.FIELDS in order). Bytes values are
     read as Latin-1; -1 for upstream_bytes, response_bytes or upstream_ms is null; the two times are
-    written with three decimals, as round(x, 3) gives them."""
+    written with three decimals, as round(x, 3) gives them. The data plane writes the same line from
+    the same parts (GatewayProtocol._log_line), with the connection's and the route's made once."""
+    return _line(t, request_id, trace_id, False, _conn_fields(worker, client_ip), method, path,
+                 _route_fields(route, api), consumer, status, request_bytes, upstream_bytes, response_bytes,
+                 gateway_ms, upstream_ms)
+
+
+cdef bytes _line(double t, bytes request_id, object trace, bint traceparent, bytes conn_fields, bytes method,
+                 bytes path, bytes route_fields, object consumer, long status, Py_ssize_t request_bytes,
+                 Py_ssize_t upstream_bytes, Py_ssize_t response_bytes, double gateway_ms, double upstream_ms):
+    """access_line's work; `trace` is the trace id, or (traceparent) the traceparent it is read from."""
     global _ts_sec
     if not 0.0 <= t < 253402300800.0:  # years 1970-9999: what the ts field can say
         raise ValueError("access_line: t is not a time between 1970 and 9999")
+    if traceparent and trace is not None:
+        if type(trace) is not bytes or PyBytes_GET_SIZE(trace) < 35:
+            trace = trace[3:35]
+            traceparent = False
     cdef long sec = <long>t
     cdef time_t tt = sec
     cdef tm parts
     # the constant parts and the integers (at most 20 digits and a sign each) take about 330
     # bytes, each time at most 64 (a longer one is written null), each string byte at most 6
     # ("\\u00XX")
-    cdef Py_ssize_t cap = 420 + 2 * 64 + 6 * (_json_len(request_id) + _json_len(trace_id) + _json_len(client_ip)
-                                              + _json_len(method) + _json_len(path) + _json_len(route)
-                                              + _json_len(api) + _json_len(consumer))
+    cdef Py_ssize_t cap = 420 + 2 * 64 + PyBytes_GET_SIZE(conn_fields) + PyBytes_GET_SIZE(route_fields) \
+        + 6 * (_json_len(request_id) + (32 if traceparent else _json_len(trace)) + _json_len(method)
+               + _json_len(path) + _json_len(consumer))
     cdef char small[2048]
     cdef char* buf = small
     cdef char* w
@@ -2081,18 +2177,18 @@ cpdef bytes access_line(double t, bytes request_id, object trace_id, long worker
         w = _json_lit(w, b'Z","request_id":')
         w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(request_id), PyBytes_GET_SIZE(request_id), True)
         w = _json_lit(w, b',"trace_id":')
-        w = _json_opt_str(w, trace_id)
-        w = _put_i64(_json_lit(w, b',"worker":'), worker)
-        w = _json_lit(w, b',"client_ip":')
-        w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(client_ip), PyBytes_GET_SIZE(client_ip), True)
+        if traceparent and trace is not None:
+            w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(trace) + 3, 32, True)
+        else:
+            w = _json_opt_str(w, trace)
+        memcpy(w, PyBytes_AS_STRING(conn_fields), PyBytes_GET_SIZE(conn_fields))
+        w += PyBytes_GET_SIZE(conn_fields)
         w = _json_lit(w, b',"method":')
         w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method), True)
         w = _json_lit(w, b',"path":')
         w = _json_str(w, <const unsigned char*>PyBytes_AS_STRING(path), PyBytes_GET_SIZE(path), True)
-        w = _json_lit(w, b',"route":')
-        w = _json_opt_str(w, route)
-        w = _json_lit(w, b',"api":')
-        w = _json_opt_str(w, api)
+        memcpy(w, PyBytes_AS_STRING(route_fields), PyBytes_GET_SIZE(route_fields))
+        w += PyBytes_GET_SIZE(route_fields)
         w = _json_lit(w, b',"consumer":')
         w = _json_opt_str(w, consumer)
         w = _put_i64(_json_lit(w, b',"status":'), status)
@@ -2124,7 +2220,52 @@ cpdef count_usage(dict pending, object hour, object consumer, object route, int 
     c = pending.get(key)
     if c is None:
         c = pending[key] = [0, 0, 0]
+    _add_usage(c, status, seconds)
+
+
+cdef inline _add_usage(list c, int status, double seconds):
     c[0] += 1
     if status >= 400:
         c[1] += 1
     c[2] += <long long>(seconds * 1e6)
+
+
+cdef enum:
+    USAGE_SLOTS_MAX = 4096  # usernames a route remembers the ledger counts of (then it forgets them all)
+
+
+cdef _count_usage_route(object usage, object consumer, RouteCore route, int status, double seconds):
+    """count_usage into `usage`'s pending counts for a request on `route`, without making and
+    hashing the (hour, consumer, plan, api) key each time: the route remembers, per username,
+    [the recorder's batch token, the plan, the hour, the counts list] and uses that list while
+    all three are the same objects (the hour: equal). A recorder replaces its `batch` token
+    whenever it takes its pending counts away, so a remembered list is never one already taken."""
+    cdef list slot, c
+    cdef PyObject* found
+    cdef dict slots = route.usage_slots
+    batch = usage.batch
+    hour = usage.hour
+    username = consumer.username
+    plan = consumer.plan
+    if slots is None:
+        slots = route.usage_slots = {}
+    found = PyDict_GetItemWithError(slots, username)
+    if found != NULL:
+        slot = <list>found
+        if slot[0] is batch and slot[1] is plan and (slot[2] is hour or slot[2] == hour):
+            _add_usage(<list>slot[3], status, seconds)
+            return
+    pending = usage.pending
+    key = (hour, username, plan or "", route.api or "")
+    c = pending.get(key)
+    if c is None:
+        c = pending[key] = [0, 0, 0]
+    if len(slots) >= USAGE_SLOTS_MAX:
+        slots.clear()
+    slots[username] = [batch, plan, hour, c]
+    _add_usage(c, status, seconds)
+
+
+def count_usage_route(usage, consumer, RouteCore route not None, int status, double seconds):
+    """_count_usage_route, for tests: what the data plane counts for a consumer's request on a route."""
+    _count_usage_route(usage, consumer, route, status, seconds)

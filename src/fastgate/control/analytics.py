@@ -61,11 +61,14 @@ def count_usage(pending: dict, hour: int, consumer, route, status: int, seconds:
 class UsageRecorder:
     """A worker's not-yet-written ledger counts. `record` is the hot path: one dict lookup."""
 
-    __slots__ = ("path", "pending", "hour", "conn", "_next", "_warned", "interval")
+    __slots__ = ("path", "pending", "batch", "hour", "conn", "_next", "_warned", "interval")
 
     def __init__(self, path: str, interval: float = 1.0):
         self.path = os.path.abspath(path)
         self.pending: dict[tuple, list[int]] = {}  # (hour, consumer, plan, api) → [requests, errors, µs]
+        # replaced with `pending` each time: the data plane keeps the counts lists it found under
+        # this token (proxy._count_usage_route) and looks again once it changes
+        self.batch = object()
         self.hour = int(time.time()) // 3600
         self.conn: sqlite3.Connection | None = None
         self.interval = interval
@@ -102,7 +105,7 @@ class UsageRecorder:
         if not self.pending:
             return True
         batch = self.pending
-        self.pending = {}
+        self.pending, self.batch = {}, object()
         try:
             if self.conn is None:
                 if not os.path.exists(self.path):

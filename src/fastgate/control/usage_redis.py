@@ -151,6 +151,7 @@ class RedisUsageRecorder(_CountsSender):
     def __init__(self, url: str, prefix: str, interval: float = 1.0):
         super().__init__(url, prefix, interval)
         self.pending: dict[tuple, list[int]] = {}
+        self.batch = object()  # replaced with `pending`: see analytics.UsageRecorder
         self.hour = int(time.time()) // 3600
 
     def record(self, consumer, route, status: int, seconds: float = 0.0) -> None:
@@ -161,7 +162,7 @@ class RedisUsageRecorder(_CountsSender):
         for (hour, consumer, plan, api), (n, e, lat) in self.pending.items():
             field = SEP.join((consumer, plan, api))
             args += [str(hour), field + SEP + "r", n, str(hour), field + SEP + "e", e, str(hour), field + SEP + "l", lat]
-        self.pending = {}
+        self.pending, self.batch = {}, object()
         return args
 
     def tick(self, now: float, wall: int, force: bool = False) -> None:
