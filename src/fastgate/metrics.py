@@ -65,7 +65,7 @@ class HostMetrics:
 class WorkerMetrics:
     """A worker's not-yet-shared counts. `flush` (each tick) adds them to the host's table."""
 
-    __slots__ = ("host", "table", "pending", "dirty", "unmatched", "lost", "remote")
+    __slots__ = ("host", "table", "pending", "dirty", "counted", "unmatched", "lost", "remote")
 
     def __init__(self, host: HostMetrics | None):
         self.host = host
@@ -73,6 +73,8 @@ class WorkerMetrics:
         self.lost = 0  # requests of routes that got no record (more new routes than room)
         self.pending = collections.Counter()
         self.dirty: list[RouteStats] = []  # RouteStats touched since the last flush (the data plane appends)
+        # compiled hooks (_core/hooks.pyx) holding counts since the last flush: each drain()s into pending
+        self.counted: list = []
         self.unmatched = RouteStats("(unmatched)")
         self.remote = None  # store.backend redis: the time series also go to Redis (control/usage_redis.py)
 
@@ -83,6 +85,9 @@ class WorkerMetrics:
         _observe(self.pending, b"pol|%s|%s" % (route.encode(), name.encode()), seconds, BUCKETS_FINE)
 
     def flush(self) -> None:
+        for hook in self.counted:
+            hook.drain(self.pending)
+        self.counted.clear()
         if self.host is None:
             return
         add = self.table.add

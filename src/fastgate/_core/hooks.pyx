@@ -4,7 +4,8 @@ request for them, not a Python frame, its lookups and its formatting.
 
   LocalGcra   the rate-limit policy (policies/limits.py) with a token bucket on this host's counters:
               the key, the decision (ratelimit.Limiter.gcra_c, no result tuple), the five header
-              lines formatted into one buffer, the metric bumped
+              lines formatted into one buffer (or the last ones again), the decision counted in C
+              (drained into the worker's metrics at its flush)
   RedisLease  the same policy on the Redis counters in lease mode, while this worker holds leased
               tokens for the key: spent here as counters/redis.py spends them
   KeyAuth     the key-auth policy (policies/auth.py) for a request with its key in the header, one
@@ -50,10 +51,10 @@ cdef enum:
     KEYS_MAX = 1024  # _Limit: client addresses and usernames whose bucket key is remembered, per policy
 
 
-cdef inline void _bump(pending, bytes name) except *:
-    """pending[name] += 1 on the worker's metrics (a Counter: a dict, read as one, no __missing__)."""
+cdef inline void _add(pending, bytes name, int64_t n) except *:
+    """pending[name] += n on the worker's metrics (a Counter: a dict, read as one, no __missing__)."""
     cdef PyObject* v = PyDict_GetItemWithError(pending, name)
-    PyDict_SetItem(pending, name, (<object>v) + 1 if v != NULL else 1)
+    PyDict_SetItem(pending, name, (<object>v) + n if v != NULL else n)
 
 
 cdef inline char* _put(char* p, bytes b):
@@ -88,6 +89,14 @@ cdef class _Limit:
     cdef bytes p0, p1, p2, p3, p4  # the fields around (remaining, reset, remaining, reset)
     cdef object policy_request  # the policy's own hook, for what the compiled one leaves to it
     cdef readonly dict keys  # client address (bytes) or username (str) -> its bucket key, up to KEYS_MAX
+    # decisions not yet in the worker's metrics: added by drain(), which WorkerMetrics.flush calls
+    # for each hook in its `counted` list (a hook puts itself there when it counts the first one)
+    cdef int64_t n_allowed, n_limited
+    cdef bint listed
+    # the last header lines made, for these two numbers: a key far below its limit gets the same
+    # ones request after request (a full bucket)
+    cdef int64_t last_remaining, last_reset
+    cdef bytes last_lines
 
     cdef _setup(self, str key_kind, bytes prefix, bytes header, bytes metric_allowed, bytes metric_limited,
                 tuple parts, policy_request):
@@ -101,6 +110,7 @@ cdef class _Limit:
         self.p0, self.p1, self.p2, self.p3, self.p4 = parts
         self.policy_request = policy_request
         self.keys = {}
+        self.last_remaining = self.last_reset = -1
 
     cdef bytes _key(self, Exchange ex):
         cdef PyObject* known
@@ -127,6 +137,8 @@ cdef class _Limit:
     cdef bytes _fields(self, int64_t remaining, int64_t reset_s):
         cdef char buf[BUF]
         cdef char *p = buf
+        if remaining == self.last_remaining and reset_s == self.last_reset:
+            return self.last_lines
         p = _put(p, self.p0)
         p = _put_int(p, remaining)
         p = _put(p, self.p1)
@@ -136,12 +148,34 @@ cdef class _Limit:
         p = _put(p, self.p3)
         p = _put_int(p, reset_s)
         p = _put(p, self.p4)
-        return PyBytes_FromStringAndSize(buf, p - buf)
+        self.last_lines = PyBytes_FromStringAndSize(buf, p - buf)
+        self.last_remaining, self.last_reset = remaining, reset_s
+        return self.last_lines
+
+    cdef inline int _count(self, Exchange ex, bint allowed) except -1:
+        metrics = (<WorkerState>ex.proto._state).metrics
+        if metrics is None:
+            return 0
+        if allowed:
+            self.n_allowed += 1
+        else:
+            self.n_limited += 1
+        if not self.listed:
+            metrics.counted.append(self)
+            self.listed = True
+        return 0
+
+    def drain(self, pending):
+        """The decisions counted since the last drain, into the worker's pending metrics."""
+        if self.n_allowed:
+            _add(pending, self.metric_allowed, self.n_allowed)
+        if self.n_limited:
+            _add(pending, self.metric_limited, self.n_limited)
+        self.n_allowed = self.n_limited = 0
+        self.listed = False
 
     cdef _allowed(self, Exchange ex, bytes lines):
-        metrics = (<WorkerState>ex.proto._state).metrics
-        if metrics is not None:
-            _bump(metrics.pending, self.metric_allowed)
+        self._count(ex, True)
         ex.resp_extra = ex.resp_extra + lines if ex.resp_extra else lines
 
 
@@ -173,9 +207,7 @@ cdef class LocalGcra(_Limit):
         if allowed:
             self._allowed(ex, lines)
             return None
-        metrics = (<WorkerState>ex.proto._state).metrics
-        if metrics is not None:
-            _bump(metrics.pending, self.metric_limited)
+        self._count(ex, False)
         return self.policy_request(ex, lines, retry_ns)  # the policy's _refuse: the 429
 
 
