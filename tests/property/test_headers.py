@@ -85,6 +85,19 @@ REQUEST_FIELDS = model.REQUEST_FIELDS
 RESPONSE_FIELDS = model.RESPONSE_FIELDS
 
 
+@settings(SETTINGS)
+@given(st.one_of(st.sampled_from(NAMES + VALUES), st.binary(max_size=12)))
+def test_checked_header_refuses_what_the_model_refuses(raw):
+    for name, value in ((raw, b"v"), (b"X-Name", raw)):
+        ok = model.valid_header_name(name) and model.valid_header_value(value)
+        try:
+            pair = core.CheckedHeader(name, value)
+        except ValueError:
+            assert not ok
+        else:
+            assert ok and pair == (name, value) and type(pair) is core.CheckedHeader
+
+
 @settings(SETTINGS, max_examples=300)
 @given(st.one_of(st.sampled_from(NAMES + VALUES), st.binary(max_size=12)))
 def test_valid_header_name_and_value_match_model(raw):
@@ -127,6 +140,8 @@ GW_VALUES = [b"upstream:80", b"127.0.0.1", b"::1", b"http", b"https", b"rid-1", 
 DROPS = [b"cookie", b"x-custom", b"expect", b"authorization", b"Accept", b"via"]
 ADDS = [(b"X-Added", b"1"), (b"X-Added", b""), (b"Bad Name", b"v"), (b"X-A", b"v\r\n"), (b"", b"x"),
         (b"X-B", b"\x80")]
+ADDS += [core.CheckedHeader(n, v) for n, v in ADDS  # copied without a second check
+         if model.valid_header_name(n) and model.valid_header_value(v)]
 
 
 @st.composite

@@ -294,6 +294,27 @@ cdef int _w_checked(Writer* w, bytes b, str what) except -1:
     return _wb(w, b)
 
 
+class CheckedHeader(tuple):
+    """A (name, value) pair for the upstream request whose name is a token and whose value holds
+    no control byte, checked once when it is made (an identity header of a consumer, say):
+    build_request_head copies it without checking it on every request. A plain tuple is checked
+    there each time."""
+
+    __slots__ = ()
+
+    def __new__(cls, name, value):
+        if type(name) is not bytes or type(value) is not bytes:
+            raise TypeError("CheckedHeader(name, value) takes two bytes")
+        if not _is_token(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)):
+            raise ValueError(f"invalid header name {name!r}")
+        if not _ctl_free(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value)):
+            raise ValueError(f"control character in header {name.decode('latin-1')}")
+        return tuple.__new__(cls, (name, value))
+
+
+cdef object _CHECKED = CheckedHeader
+
+
 # --- requests ----------------------------------------------------------------------------------
 @cython.freelist(64)
 cdef class RequestInfo:
@@ -503,6 +524,7 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
     cdef const char* n
     cdef const char* v
     cdef Py_ssize_t nl, vl
+    cdef char* q
     cdef int code
     cdef list conn_tokens = _connection_tokens(headers)
     cdef list xff = None, via = None
@@ -599,8 +621,21 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
         if add:
             for item in add:
                 name, value = <tuple>item
-                _w_header(&w, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), PyBytes_AS_STRING(value),
-                          PyBytes_GET_SIZE(value))
+                if type(item) is _CHECKED:  # checked when it was made: copied as it is
+                    nl, vl = PyBytes_GET_SIZE(name), PyBytes_GET_SIZE(value)
+                    if w.size + nl + vl + 4 > w.cap:
+                        _w_grow(&w, nl + vl + 4)
+                    q = w.buf + w.size
+                    memcpy(q, PyBytes_AS_STRING(name), nl)
+                    q[nl] = c':'
+                    q[nl + 1] = c' '
+                    memcpy(q + nl + 2, PyBytes_AS_STRING(value), vl)
+                    q[nl + vl + 2] = c'\r'
+                    q[nl + vl + 3] = c'\n'
+                    w.size += nl + vl + 4
+                else:
+                    _w_header(&w, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), PyBytes_AS_STRING(value),
+                              PyBytes_GET_SIZE(value))
         _w(&w, b"\r\n", 2)
         return PyBytes_FromStringAndSize(w.buf, w.size)
     finally:

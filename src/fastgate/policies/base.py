@@ -21,6 +21,7 @@ policy was attached (global → API → route), then by declaration order.
 from __future__ import annotations
 
 from .._core.chain import ChainCore
+from .._core.headers import CheckedHeader
 
 PHASES = ("access", "authentication", "authorization", "limits", "request", "cache", "upstream", "response",
           "log")
@@ -46,6 +47,15 @@ IDENTITY_HEADERS = frozenset((b"x-consumer-id", b"x-consumer-username", b"x-cons
 on every route, so an upstream can trust them."""
 
 
+def _pair(name: bytes, value: bytes) -> tuple:
+    """A header pair checked now (the data plane copies it as it is), or, if it cannot be sent, a
+    plain pair: the request that would send it is refused then, as for any header a policy adds."""
+    try:
+        return CheckedHeader(name, value)
+    except ValueError:
+        return (name, value)
+
+
 class ConsumerInfo:
     """Who made the request, as authentication policies find it (from config or the store)."""
 
@@ -56,11 +66,11 @@ class ConsumerInfo:
         self.id = id or username
         self.plan = plan
         self.groups = frozenset(groups)
-        h = [(b"X-Consumer-ID", self.id.encode()), (b"X-Consumer-Username", username.encode())]
+        h = [_pair(b"X-Consumer-ID", self.id.encode()), _pair(b"X-Consumer-Username", username.encode())]
         if plan:
-            h.append((b"X-Consumer-Plan", plan.encode()))
+            h.append(_pair(b"X-Consumer-Plan", plan.encode()))
         if self.groups:
-            h.append((b"X-Consumer-Groups", ",".join(sorted(self.groups)).encode()))
+            h.append(_pair(b"X-Consumer-Groups", ",".join(sorted(self.groups)).encode()))
         self.headers = tuple(h)
 
     def __repr__(self) -> str:
