@@ -177,3 +177,18 @@ def test_the_data_planes_remembered_usage_counts_add_up_to_the_reference(ops):
     add(got_total, got.take(False))
     add(want_total, want.take(False))
     assert got_total == want_total
+
+
+def test_a_route_forgets_the_usage_counts_of_a_batch_taken():
+    """What a route remembers is for the recorder's current batch only: once the batch is taken,
+    the next request starts afresh, so the route never holds more than one batch's consumers."""
+    from fastgate._core.proxy import RouteCore, count_usage_route
+
+    route, rec = RouteCore(), Recorder()
+    for user in ("ann", "bob", "cy"):
+        count_usage_route(rec, Who(user, None), route, 200, 0.5)
+    assert len(route.usage_slots) == 3
+    assert rec.take(False) == {(490000, u, "", ""): [1, 0, 500000] for u in ("ann", "bob", "cy")}
+    count_usage_route(rec, Who("ann", None), route, 503, 0.25)
+    assert list(route.usage_slots) == ["ann"]
+    assert rec.pending == {(490000, "ann", "", ""): [1, 1, 250000]}

@@ -26,7 +26,8 @@ cdef class RouteCore:
     cdef public ChainCore chain  # the route's compiled policies (policies/base.py)
     cdef public object canary  # server/canary.Canary: part of the traffic to another upstream
     cdef bytes log_fields  # the access log's `,"route":…,"api":…` for this route, made at its first line
-    cdef dict usage_slots  # the usage ledger's counts of this route by username (_count_usage_route)
+    cdef readonly dict usage_slots  # the usage ledger's counts of this route by username (_count_usage_route)...
+    cdef object usage_batch  # ...in the usage recorder's batch with this token
 
 
 cdef class RouterValue:

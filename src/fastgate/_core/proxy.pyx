@@ -2230,16 +2230,14 @@ cdef inline _add_usage(list c, int status, double seconds):
     c[2] += <long long>(seconds * 1e6)
 
 
-cdef enum:
-    USAGE_SLOTS_MAX = 4096  # usernames a route remembers the ledger counts of (then it forgets them all)
-
-
 cdef _count_usage_route(object usage, object consumer, RouteCore route, int status, double seconds):
     """count_usage into `usage`'s pending counts for a request on `route`, without making and
-    hashing the (hour, consumer, plan, api) key each time: the route remembers, per username,
-    [the recorder's batch token, the plan, the hour, the counts list] and uses that list while
-    all three are the same objects (the hour: equal). A recorder replaces its `batch` token
-    whenever it takes its pending counts away, so a remembered list is never one already taken."""
+    hashing the (hour, consumer, plan, api) key each time: the route remembers, per username, the
+    plan, the hour and the counts list found for them, and uses that list while the plan is the
+    same object and the hour equal. What it remembers is for one batch of the recorder's: a
+    recorder replaces its `batch` token whenever it takes its pending counts away, and the route
+    then forgets them all (so it never adds to a list already taken, and holds no more than the
+    pairs of route and consumer seen in one batch)."""
     cdef list slot, c
     cdef PyObject* found
     cdef dict slots = route.usage_slots
@@ -2247,22 +2245,22 @@ cdef _count_usage_route(object usage, object consumer, RouteCore route, int stat
     hour = usage.hour
     username = consumer.username
     plan = consumer.plan
-    if slots is None:
+    if slots is None or route.usage_batch is not batch:
         slots = route.usage_slots = {}
-    found = PyDict_GetItemWithError(slots, username)
-    if found != NULL:
-        slot = <list>found
-        if slot[0] is batch and slot[1] is plan and (slot[2] is hour or slot[2] == hour):
-            _add_usage(<list>slot[3], status, seconds)
-            return
+        route.usage_batch = batch
+    else:
+        found = PyDict_GetItemWithError(slots, username)
+        if found != NULL:
+            slot = <list>found
+            if slot[0] is plan and (slot[1] is hour or slot[1] == hour):
+                _add_usage(<list>slot[2], status, seconds)
+                return
     pending = usage.pending
     key = (hour, username, plan or "", route.api or "")
     c = pending.get(key)
     if c is None:
         c = pending[key] = [0, 0, 0]
-    if len(slots) >= USAGE_SLOTS_MAX:
-        slots.clear()
-    slots[username] = [batch, plan, hour, c]
+    slots[username] = [plan, hour, c]
     _add_usage(c, status, seconds)
 
 
