@@ -1,9 +1,10 @@
 """The access log: one JSON line per request, for operators and for billing.
 
-The data plane formats each line in C (`_core/proxy.access_line`) and appends it to a per-worker
-list (`add`); the worker's tick (about once a second, and when the list grows past BATCH) hands the
-batch to the kernel in one write() on a file opened O_APPEND, so lines from several workers never
-interleave. `record` takes a row tuple instead and formats it here with msgspec: the reference the
+The data plane formats each line in C (`_core/proxy.access_line`'s parts; a connection's worker and
+client address and a route's name and API are formatted once) and appends it to this per-worker
+list, which `flush` empties in place because the data plane holds it; the worker's tick (about
+once a second, and when the list grows past BATCH) hands the batch to the kernel in one write() on
+a file opened O_APPEND, so lines from several workers never interleave. `record` takes a row tuple instead and formats it here with msgspec: the reference the
 compiled lines are tested against (tests/property/test_access_line.py). SIGUSR1
 reopens the file (logrotate's postrotate). `sample` logs that share of requests; 4xx/5xx answers
 are always logged.

@@ -122,14 +122,9 @@ class Recorder:
         batch = self.pending
         self.pending, self.batch = {}, object()
         if failed:  # UsageRecorder.flush when the store refuses: back into pending, merged
-            for k, c in batch.items():
-                p = self.pending.get(k)
-                if p is None:
-                    self.pending[k] = c
-                else:
-                    p[0] += c[0]
-                    p[1] += c[1]
-                    p[2] += c[2]
+            from fastgate.control.analytics import merge_back
+
+            merge_back(self.pending, batch)
             return {}
         return batch
 

@@ -58,6 +58,18 @@ def count_usage(pending: dict, hour: int, consumer, route, status: int, seconds:
     c[2] += int(seconds * 1e6)
 
 
+def merge_back(pending: dict, batch: dict) -> None:
+    """Counts that were taken but not written go back into pending, merged with what came since."""
+    for k, c in batch.items():
+        p = pending.get(k)
+        if p is None:
+            pending[k] = c
+        else:
+            p[0] += c[0]
+            p[1] += c[1]
+            p[2] += c[2]
+
+
 class UsageRecorder:
     """A worker's not-yet-written ledger counts. `record` is the hot path: one dict lookup."""
 
@@ -123,14 +135,7 @@ class UsageRecorder:
             self._warned = False
             return True
         except sqlite3.Error as exc:
-            for k, c in batch.items():  # not written: back into pending, merged with what came since
-                p = self.pending.get(k)
-                if p is None:
-                    self.pending[k] = c
-                else:
-                    p[0] += c[0]
-                    p[1] += c[1]
-                    p[2] += c[2]
+            merge_back(self.pending, batch)
             if not self._warned:
                 log.warning("usage ledger: store %s: %s (counts kept, retried)", self.path, exc)
                 self._warned = True
