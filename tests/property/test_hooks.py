@@ -140,8 +140,14 @@ KEY_REQUEST = st.tuples(
 
 @settings(max_examples=150, deadline=None)
 @given(header=st.sampled_from(["apikey", "X-API-Key"]), query=st.sampled_from([None, "api_key"]),
-       hide=st.booleans(), anonymous=st.sampled_from([None, "guest"]), requests=st.lists(KEY_REQUEST, max_size=8))
-def test_key_auth_answers_as_the_policy_does(header, query, hide, anonymous, requests):
+       hide=st.booleans(), anonymous=st.sampled_from([None, "guest"]), requests=st.lists(KEY_REQUEST, max_size=8),
+       prior=st.sampled_from(["nothing", "a header added", "someone authenticated"]))
+def test_key_auth_answers_as_the_policy_does(header, query, hide, anonymous, requests, prior):
+    """Including what an earlier policy left on the exchange: the compiled hook's identity headers,
+    made once per key, must land as authenticated() puts them (after a header added, in place of an
+    earlier identity)."""
+    from fastgate.policies.base import ConsumerInfo
+
     pol = key_auth(header, query, hide, anonymous)
     hook = pol.compiled_request
     assert hook is not None and hook.__self__.__class__.__name__ == "KeyAuth"
@@ -154,6 +160,10 @@ def test_key_auth_answers_as_the_policy_does(header, query, hide, anonymous, req
             ex.query = qs
             ex.request_id = b"rid-%d" % n
             ex.keep_alive = True
+            if prior == "a header added":
+                ex.add_upstream_header(b"X-Earlier", b"1")
+            elif prior == "someone authenticated":
+                ex.authenticated(ConsumerInfo("zed", plan="gold"), None, b"cred-z")
             answer = run(ex)
             seen.append((answer, ex.consumer.username if ex.consumer is not None else None, ex.up_add, ex.query))
         assert seen[0] == seen[1]

@@ -525,6 +525,7 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
     cdef const char* v
     cdef Py_ssize_t nl, vl
     cdef char* q
+    cdef tuple pair
     cdef int code
     cdef list conn_tokens = _connection_tokens(headers)
     cdef list xff = None, via = None
@@ -620,7 +621,12 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
             _w(&w, b"\r\nConnection: upgrade\r\n", 23)
         if add:
             for item in add:
-                name, value = <tuple>item
+                if not isinstance(item, tuple):
+                    raise TypeError(f"a header to add is not a (name, value) tuple: {item!r}")
+                pair = <tuple>item  # a CheckedHeader too: read as the tuple it is
+                if len(pair) != 2:
+                    raise ValueError(f"a header to add is not a (name, value) pair: {item!r}")
+                name, value = pair[0], pair[1]
                 if type(item) is _CHECKED:  # checked when it was made: copied as it is
                     nl, vl = PyBytes_GET_SIZE(name), PyBytes_GET_SIZE(value)
                     if w.size + nl + vl + 4 > w.cap:

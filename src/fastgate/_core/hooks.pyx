@@ -311,7 +311,10 @@ cdef class KeyAuth:
             hit = self.directory.get(digest)
         if hit is None:
             return self.policy_request(ex)
-        ex.authenticated((<tuple>hit)[0], None, (<tuple>hit)[1])
+        if len(<tuple>hit) == 3:  # a key of the config's: its identity headers made with it
+            ex.identified((<tuple>hit)[0], (<tuple>hit)[2])
+        else:  # the store's: (consumer, credential identifier)
+            ex.authenticated((<tuple>hit)[0], None, (<tuple>hit)[1])
         return None
 
 

@@ -136,6 +136,7 @@ cdef class Exchange:
     cdef public object span_parent  # OTLP export: the client's span id (hex), the parent of the gateway's span
 
     cpdef authenticated(self, object consumer, object claims=*, object credential=*)
+    cdef identified(self, object consumer, tuple identity)
 
 
 cdef class WorkerState:

@@ -801,6 +801,17 @@ cdef class Exchange:
             add += ((b"X-Credential-Identifier", credential),)
         self.up_add = add
 
+    cdef identified(self, object consumer, tuple identity):
+        """authenticated(consumer, None, credential) with its headers made already: `identity` is
+        consumer.headers and the X-Credential-Identifier pair (a key-auth policy makes it once per key)."""
+        cdef tuple cred
+        if self.consumer is None:
+            self.consumer = consumer
+            self.up_add = self.up_add + identity if self.up_add else identity
+        else:  # a second authentication: authenticated() takes out the first one's headers
+            cred = <tuple>identity[len(identity) - 1]
+            self.authenticated(consumer, None, cred[1])
+
 
 cdef class WorkerState:
     """Global state shared by every connection of a worker."""

@@ -29,6 +29,7 @@ import re
 import time
 from urllib.parse import unquote
 
+from .._core.headers import CheckedHeader
 from ..config.schema import Acl, BasicAuth, HmacAuth, KeyAuth, RequireScopes
 from .base import ConsumerInfo, register
 
@@ -129,14 +130,18 @@ class KeyAuthPolicy:
             info = ctx.consumers.get(c.username) or ConsumerInfo(c.username, c.id, c.plan, c.groups)
             for h in c.keys:
                 owners.setdefault(h[7:].encode(), []).append(info)
-        self.by_hash: dict[bytes, tuple[ConsumerInfo, bytes]] = {}
+        # digest -> (consumer, credential identifier, the identity headers the upstream gets: the
+        # consumer's and the credential's, made once here for the compiled hook)
+        self.by_hash: dict[bytes, tuple[ConsumerInfo, bytes, tuple]] = {}
         for digest, infos in owners.items():
             if len({i.username for i in infos}) > 1:
                 log.error("key-auth: one key hash belongs to consumers %s: refused for all of them",
                           ", ".join(sorted({i.username for i in infos})))
                 continue
             # the credential identifier names the key without revealing it: a prefix of its hash
-            self.by_hash[digest] = (infos[0], b"sha256:" + digest[:16])
+            cred = b"sha256:" + digest[:16]
+            identity = infos[0].headers + (CheckedHeader(b"X-Credential-Identifier", cred),)
+            self.by_hash[digest] = (infos[0], cred, identity)
         # the hook the route runs: its compiled form for a key in the header (_core/hooks.pyx;
         # `request` below is the reference it is tested against, and answers every other case)
         self.compiled_request = None
