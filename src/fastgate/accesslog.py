@@ -4,10 +4,10 @@ The data plane formats each line in C (`_core/proxy.access_line`'s parts; a conn
 client address and a route's name and API are formatted once) and appends it to this per-worker
 list, which `flush` empties in place because the data plane holds it; the worker's tick (about
 once a second, and when the list grows past BATCH) hands the batch to the kernel in one write() on
-a file opened O_APPEND, so lines from several workers never interleave. `record` takes a row tuple instead and formats it here with msgspec: the reference the
-compiled lines are tested against (tests/property/test_access_line.py). SIGUSR1
-reopens the file (logrotate's postrotate). `sample` logs that share of requests; 4xx/5xx answers
-are always logged.
+a file opened O_APPEND, so lines from several workers never interleave. `record` takes a row
+tuple instead and formats it here with msgspec: the reference the compiled lines are tested
+against (tests/property/test_access_line.py). SIGUSR1 reopens the file (logrotate's postrotate).
+`sample` logs that share of requests; 4xx/5xx answers are always logged.
 
 Fields: ts (UTC, ms), request_id, trace_id, worker, client_ip, method, path, route, api, consumer,
 status, request_bytes (body), upstream_bytes (what the upstream sent, head included; null for
@@ -78,7 +78,8 @@ class AccessLog:
             self.flush()
 
     def add(self, line: bytes) -> None:
-        """A line the data plane formatted (sampling decided there too)."""
+        """A line formatted already (sampling decided by the caller). The data plane appends to
+        `lines` itself, without this frame; both leave the flush to BATCH lines or the tick."""
         self.lines.append(line)
         if len(self.lines) >= BATCH:
             self.flush()

@@ -187,3 +187,19 @@ def test_a_route_forgets_the_usage_counts_of_a_batch_taken():
     count_usage_route(rec, Who("ann", None), route, 503, 0.25)
     assert list(route.usage_slots) == ["ann"]
     assert rec.pending == {(490000, "ann", "", ""): [1, 1, 250000]}
+
+
+def test_the_line_list_survives_every_flush(tmp_path):
+    """The data plane holds AccessLog.lines itself (WorkerState.access_log): a flush, by BATCH or
+    by the tick, must empty that very list, never put a new one in its place."""
+    from fastgate.accesslog import BATCH
+
+    log = AccessLog(str(tmp_path / "a.log"))
+    held = log.lines
+    for i in range(BATCH + 3):  # one flush by BATCH on the way
+        log.add(b'{"n":%d}\n' % i)
+    assert log.lines is held and len(held) == 3
+    log.flush()
+    assert log.lines is held and held == []
+    assert [json.loads(x)["n"] for x in (tmp_path / "a.log").read_text().splitlines()] == list(range(BATCH + 3))
+    log.close()

@@ -643,3 +643,22 @@ def test_ascii_case_insensitive_compare_matches_bytes_lower(case):
 @given(st.binary(max_size=40))
 def test_control_byte_check_matches_model_at_every_length(value):
     assert core.valid_header_value(value) == model.valid_header_value(value)
+
+
+def test_added_pairs_that_are_not_pairs_of_bytes_are_refused():
+    """A pair a policy added that cannot be sent: TypeError (the data plane answers 400), never
+    a head written from something that is not bytes."""
+    args = [b"GET", b"/", [(b"Host", b"a")], b"a", b"127.0.0.1", b"http", b"rid", None]
+    for bad in (([b"X-A", b"v"],), ((b"X-A", None),), ((None, b"v"),), ((b"X-A", "v"),), ((b"X-A",),)):
+        with pytest.raises((TypeError, ValueError)):
+            core.build_request_head(*args, bad, 0, 0, False)
+    assert b"X-A: v\r\n" in core.build_request_head(*args, (core.CheckedHeader(b"X-A", b"v"),), 0, 0, False)
+
+
+def test_a_checked_header_copies_and_pickles_as_itself():
+    import copy
+    import pickle
+
+    pair = core.CheckedHeader(b"X-Consumer-ID", b"ann")
+    for again in (copy.copy(pair), copy.deepcopy(pair), pickle.loads(pickle.dumps(pair))):
+        assert again == pair and type(again) is core.CheckedHeader

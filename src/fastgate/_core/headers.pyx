@@ -298,9 +298,13 @@ class CheckedHeader(tuple):
     """A (name, value) pair for the upstream request whose name is a token and whose value holds
     no control byte, checked once when it is made (an identity header of a consumer, say):
     build_request_head copies it without checking it on every request. A plain tuple is checked
-    there each time."""
+    there each time. (The check is CheckedHeader(name, value)'s; code in the worker that makes one
+    through tuple.__new__ skips it, as it could write the head itself.)"""
 
     __slots__ = ()
+
+    def __getnewargs__(self):  # copy and pickle make it again through __new__: checked again
+        return (self[0], self[1])
 
     def __new__(cls, name, value):
         if type(name) is not bytes or type(value) is not bytes:
@@ -627,6 +631,8 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
                 if len(pair) != 2:
                     raise ValueError(f"a header to add is not a (name, value) pair: {item!r}")
                 name, value = pair[0], pair[1]
+                if name is None or value is None:
+                    raise TypeError(f"a header to add is not a pair of bytes: {item!r}")
                 if type(item) is _CHECKED:  # checked when it was made: copied as it is
                     nl, vl = PyBytes_GET_SIZE(name), PyBytes_GET_SIZE(value)
                     if w.size + nl + vl + 4 > w.cap:

@@ -14,6 +14,8 @@ class LocalGcra:
                  header: bytes, metric_allowed: bytes, metric_limited: bytes,
                  parts: tuple[bytes, bytes, bytes, bytes, bytes],
                  refuse: Callable[[Exchange, bytes, int], bytes]) -> None: ...
+    def drain(self, pending: dict[bytes, int]) -> None:
+        """Adds the decisions counted since the last drain to the worker's pending metrics."""
     def request(self, ex: Exchange) -> bytes | None:
         """None: allowed (the rate-limit fields added to the response); else the 429 to send."""
 
@@ -37,4 +39,5 @@ class RedisLease:
     def __init__(self, counters: object, key_kind: str, prefix: bytes, header: bytes, metric_allowed: bytes,
                  metric_limited: bytes, parts: tuple[bytes, bytes, bytes, bytes, bytes],
                  policy_request: Callable[[Exchange], object]) -> None: ...
+    def drain(self, pending: dict[bytes, int]) -> None: ...
     def request(self, ex: Exchange) -> object: ...

@@ -259,7 +259,7 @@ cdef class KeyAuth:
     """KeyAuthPolicy.request for its common case; `request` is the hook."""
 
     cdef bytes header  # lowercase
-    cdef dict by_hash  # the config's keys: hex digest -> (consumer, credential id)
+    cdef dict by_hash  # the config's keys: hex digest -> (consumer, credential id, identity headers)
     cdef object directory  # the store's keys (control/directory.py), or None
     cdef object policy_request  # the policy's own hook: every answer that is not a plain hit
     cdef object sha256

@@ -772,7 +772,7 @@ cdef class Exchange:
         return build_error(status, reason, self.request_id, self.proto.date, not self.keep_alive,
                            self.resp_extra + extra_headers, **fields)
 
-    def add_upstream_header(self, bytes name, bytes value):
+    def add_upstream_header(self, bytes name not None, bytes value not None):
         self.up_add = self.up_add + ((name, value),)
 
     def drop_upstream_header(self, bytes name):
@@ -852,7 +852,8 @@ cdef class WorkerState:
     @property
     def access_log(self):
         """accesslog.AccessLog when the config has one. Its line list (which it empties in place),
-        sample and pid are read by the data plane as C fields, set here."""
+        sample and pid are read by the data plane as C fields, copied here when it is set: a later
+        change to the log's `sample` or `pid` is not seen (set access_log again)."""
         return self._access_log
 
     @access_log.setter
@@ -1415,7 +1416,7 @@ cdef class GatewayProtocol:
             self._since = state.now
 
     cdef _log_line(self, Exchange ex, list lines, int status, double elapsed, double upstream):
-        """AccessLog.add's work without its Python frame: the line appended to the worker's list. The
+        """The access log's line appended to the worker's list (AccessLog.lines), without a Python frame. The
         connection's fields (worker, client address) and the route's (route, API) are made once, by
         the helpers access_line uses too."""
         cdef RouteCore route = ex.route
@@ -1598,7 +1599,7 @@ cdef class GatewayProtocol:
                                       ex.request_id, drop if not ex.expect else drop | {b"expect"},
                                       route.req_add + ex.up_add if ex.up_add else route.req_add, ex.body_mode,
                                       ex.content_length, ex.upgrade is not None)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # a header a policy added that cannot be sent
             conn.detach()
             target.active -= 1
             target.give_back(conn, self._loop.time())
@@ -2157,8 +2158,11 @@ cdef bytes _line(double t, bytes request_id, object trace, bint traceparent, byt
     global _ts_sec
     if not 0.0 <= t < 253402300800.0:  # years 1970-9999: what the ts field can say
         raise ValueError("access_line: t is not a time between 1970 and 9999")
-    if traceparent and trace is not None:
-        if type(trace) is not bytes or PyBytes_GET_SIZE(trace) < 35:
+    if traceparent:  # as `trace[3:35] if trace else None` gives it
+        if not trace:
+            trace = None
+            traceparent = False
+        elif type(trace) is not bytes or PyBytes_GET_SIZE(trace) < 35:
             trace = trace[3:35]
             traceparent = False
     cdef long sec = <long>t
