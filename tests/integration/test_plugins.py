@@ -181,3 +181,44 @@ async def test_per_request_header_drop_and_route_params(loop):
             assert got.header("x-params") == "7,x"
             await c.get(f"http://127.0.0.1:{gw.port}/users/8/items/y", headers={"X-Keep": "k"})
             assert up.requests[-1].header("x-params") == "8,y"
+
+
+ECHO_PLUGIN = '''
+import msgspec
+
+
+class EchoPolicy:
+    """Copies the client's X-Echo header upstream as X-Echoed, whatever it holds."""
+
+    phase = "request"
+
+    class Config(msgspec.Struct, forbid_unknown_fields=True):
+        pass
+
+    def __init__(self, config, ctx):
+        pass
+
+    def request(self, ex):
+        value = ex.header(b"x-echo")
+        if value is not None:
+            ex.add_upstream_header(b"X-Echoed", value.replace(b"~", b"\\r\\n"))
+        return None
+'''
+
+
+async def test_a_header_a_plugin_adds_that_cannot_be_sent_gets_a_400_and_is_not_forwarded(loop, tmp_path,
+                                                                                          monkeypatch):
+    (tmp_path / "echo_plugin.py").write_text(ECHO_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    doc = config(routes=[{"name": "r", "paths": ["/*"], "upstream": "u",
+                          "policies": [{"type": "plugin", "module": "echo_plugin:EchoPolicy"}]}],
+                 upstreams=[{"name": "u", "targets": [{"address": "127.0.0.1:1"}]}])
+    async with Upstream() as up:
+        doc["upstreams"][0]["targets"][0]["address"] = up.address
+        async with gateway(doc) as gw, httpx.AsyncClient() as c:
+            base = f"http://127.0.0.1:{gw.port}"
+            ok = await c.get(base + "/x", headers={"X-Echo": "fine"})
+            assert ok.status_code == 200 and up.requests[-1].header("x-echoed") == "fine"
+            bad = await c.get(base + "/x", headers={"X-Echo": "a~Injected: 1"})  # the plugin makes it a CRLF
+            assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
+            assert len(up.requests) == 1  # the bad one never reached the upstream
