@@ -276,16 +276,28 @@ cdef inline void _w_free(Writer* w) noexcept:
         w.heap = False
 
 
+cdef inline int _w_line(Writer* w, const char* n, Py_ssize_t nl, const char* v, Py_ssize_t vl) except -1:
+    """`name: value` and CRLF, unchecked (one room check for the whole line)."""
+    cdef char* q
+    if w.size + nl + vl + 4 > w.cap:
+        _w_grow(w, nl + vl + 4)
+    q = w.buf + w.size
+    memcpy(q, n, nl)
+    q[nl] = c':'
+    q[nl + 1] = c' '
+    memcpy(q + nl + 2, v, vl)
+    q[nl + vl + 2] = c'\r'
+    q[nl + vl + 3] = c'\n'
+    w.size += nl + vl + 4
+    return 0
+
+
 cdef int _w_header(Writer* w, const char* n, Py_ssize_t nl, const char* v, Py_ssize_t vl) except -1:
     if not _is_token(n, nl):
         raise ValueError(f"invalid header name {PyBytes_FromStringAndSize(n, nl)!r}")
     if not _ctl_free(v, vl):
         raise ValueError(f"control character in header {PyBytes_FromStringAndSize(n, nl).decode('latin-1')}")
-    _w(w, n, nl)
-    _w(w, b": ", 2)
-    _w(w, v, vl)
-    _w(w, b"\r\n", 2)
-    return 0
+    return _w_line(w, n, nl, v, vl)
 
 
 cdef int _w_checked(Writer* w, bytes b, str what) except -1:
@@ -528,7 +540,6 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
     cdef const char* n
     cdef const char* v
     cdef Py_ssize_t nl, vl
-    cdef char* q
     cdef tuple pair
     cdef int code
     cdef list conn_tokens = _connection_tokens(headers)
@@ -634,17 +645,8 @@ cpdef bytes build_request_head(bytes method, bytes target, list headers, bytes h
                 if name is None or value is None:
                     raise TypeError(f"a header to add is not a pair of bytes: {item!r}")
                 if type(item) is _CHECKED:  # checked when it was made: copied as it is
-                    nl, vl = PyBytes_GET_SIZE(name), PyBytes_GET_SIZE(value)
-                    if w.size + nl + vl + 4 > w.cap:
-                        _w_grow(&w, nl + vl + 4)
-                    q = w.buf + w.size
-                    memcpy(q, PyBytes_AS_STRING(name), nl)
-                    q[nl] = c':'
-                    q[nl + 1] = c' '
-                    memcpy(q + nl + 2, PyBytes_AS_STRING(value), vl)
-                    q[nl + vl + 2] = c'\r'
-                    q[nl + vl + 3] = c'\n'
-                    w.size += nl + vl + 4
+                    _w_line(&w, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), PyBytes_AS_STRING(value),
+                            PyBytes_GET_SIZE(value))
                 else:
                     _w_header(&w, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), PyBytes_AS_STRING(value),
                               PyBytes_GET_SIZE(value))
