@@ -31,9 +31,7 @@ from .shm cimport fg_monotonic_ns
 
 from .headers cimport find_header
 
-cdef extern from "Python.h":
-    # PyDict_GetItem without its saving and restoring of the error state (NULL: not there)
-    PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
+from .capi cimport PyDict_GetItemWithError
 
 cdef int64_t NS = 1000000000
 

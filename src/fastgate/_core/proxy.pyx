@@ -62,9 +62,7 @@ from ..accesslog import BATCH as ALOG_BATCH
 
 cdef Py_ssize_t ALOG_BATCH_N = ALOG_BATCH
 
-cdef extern from "Python.h":
-    # PyDict_GetItem without its saving and restoring of the error state (NULL: not there)
-    PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
+from .capi cimport PyDict_GetItemWithError
 from ..policies.base import IDENTITY_HEADERS
 from ..server.responses import CLOSE, CONTINUE, KEEP_ALIVE, build_error
 
